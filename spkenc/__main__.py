@@ -1,0 +1,5 @@
+import sys
+
+from spkenc.cli import main
+
+sys.exit(main())

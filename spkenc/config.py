@@ -1,0 +1,141 @@
+"""One home for every number: frozen dataclasses whose defaults are RTVC's values.
+
+Each field name is the one word used for that idea everywhere: the Dagster config field,
+the MLflow param and the checkpoint key.
+
+>>> AudioConfig().n_fft, AudioConfig().hop_length
+(400, 160)
+>>> ModelConfig.from_dict({"hidden_size": 64}).hidden_size
+64
+>>> ModelConfig.from_dict({"hidden": 64})
+Traceback (most recent call last):
+...
+ValueError: ModelConfig: unknown key(s) ['hidden']; known keys: ['hidden_size', 'n_layers', 'embedding_size']
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, TypeVar
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    """Mixin: strict construction from a mapping and a plain-dict view."""
+
+    @classmethod
+    def from_dict(cls: type[T], values: Optional[Mapping[str, Any]] = None) -> T:
+        values = dict(values or {})
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known keys: {known}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self: T, **changes: Any) -> T:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+@dataclass(frozen=True)
+class AudioConfig(_Config):
+    """Audio front end: resampling, volume, VAD trimming and mel frames (RTVC's params.py)."""
+
+    sample_rate_hz: int = 16000
+    mel_window_length_ms: int = 25
+    mel_window_step_ms: int = 10
+    n_mels: int = 40
+    partial_n_frames: int = 160
+    vad_window_length_ms: int = 30
+    vad_moving_average_width: int = 8
+    vad_max_silence_length: int = 6
+    vad_mode: int = 3
+    audio_norm_target_dbfs: float = -30.0
+
+    def __post_init__(self) -> None:
+        if self.sample_rate_hz <= 0:
+            raise ValueError(f"sample_rate_hz must be positive, got {self.sample_rate_hz}")
+        if self.vad_window_length_ms not in (10, 20, 30):
+            raise ValueError(f"vad_window_length_ms must be 10, 20 or 30, got {self.vad_window_length_ms}")
+        if self.sample_rate_hz not in (8000, 16000, 32000, 48000):
+            raise ValueError(f"webrtcvad needs 8, 16, 32 or 48 kHz, got {self.sample_rate_hz}")
+
+    @property
+    def n_fft(self) -> int:
+        """Samples per mel window (400 at 16 kHz)."""
+        return self.sample_rate_hz * self.mel_window_length_ms // 1000
+
+    @property
+    def hop_length(self) -> int:
+        """Samples between mel frames (160 at 16 kHz)."""
+        return self.sample_rate_hz * self.mel_window_step_ms // 1000
+
+    @property
+    def vad_window_samples(self) -> int:
+        """Samples per VAD window (480 at 16 kHz)."""
+        return self.vad_window_length_ms * self.sample_rate_hz // 1000
+
+    @property
+    def min_utterance_s(self) -> float:
+        """Shortest trimmed utterance that still yields one partial (1.6 s)."""
+        return self.partial_n_frames * self.mel_window_step_ms / 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """The speaker encoder: a 3-layer LSTM over 40 mels, then Linear + ReLU + L2 norm."""
+
+    hidden_size: int = 256
+    n_layers: int = 3
+    embedding_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """GE2E training (RTVC's recipe). `lr_schedule` is "constant", "cosine" or "step"."""
+
+    speakers_per_batch: int = 64
+    utterances_per_speaker: int = 10
+    learning_rate_init: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 100_000
+    lr_decay_gamma: float = 0.5
+    w_init: float = 10.0
+    b_init: float = -5.0
+    wb_grad_scale: float = 0.01
+    clip_grad_norm: float = 3.0
+    steps: int = 1000
+    save_every: int = 100
+    backup_every: int = 1000
+    seed: int = 0
+    short_speaker_policy: str = "exclude"
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        if self.short_speaker_policy not in ("exclude", "repeat"):
+            raise ValueError(
+                f"short_speaker_policy must be exclude or repeat, got {self.short_speaker_policy!r}"
+            )
+        if self.speakers_per_batch < 2 or self.utterances_per_speaker < 2:
+            raise ValueError(
+                "GE2E needs at least 2 speakers x 2 utterances per batch, got "
+                f"{self.speakers_per_batch} x {self.utterances_per_speaker}"
+            )
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Config):
+    """Verification trials and scoring."""
+
+    max_trials: int = 0  # 0 means all cross pairs
+    trial_seed: int = 0
+    p_target_low: float = 0.01
+    p_target_high: float = 0.05
+    eer_ceiling: float = 0.5
+    rate: Optional[float] = None  # None: RTVC partial slicing; a float: Resemblyzer's rate rule
+    min_coverage: float = 0.75
