@@ -19,12 +19,17 @@ _EXPORTS = {
     "trim_long_silences": "audio",
     "wav_to_mel": "audio",
     "wav_to_mel_batch": "audio",
+    "AudioError": "audio", "AudioInfo": "audio", "read_audio_info": "audio",
     "SpeakerEncoder": "model",
     "GE2ELoss": "ge2e",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "CheckpointError": "checkpoint",
+    "load_encoder": "checkpoint",
+    "batch_eer": "ge2e",
     "Embedder": "inference",
+    "equal_error_rate": "evaluation", "min_dcf": "evaluation", "evaluate_embeddings": "evaluation", "evaluate_corpus": "verification",
+    "train": "training", "TrainProgress": "training", "ShardStore": "sampling", "sample_batch": "sampling",
 }
 
 __all__ = sorted(_EXPORTS)
