@@ -30,6 +30,7 @@ _EXPORTS = {
     "Embedder": "inference",
     "equal_error_rate": "evaluation", "min_dcf": "evaluation", "evaluate_embeddings": "evaluation", "evaluate_corpus": "verification",
     "train": "training", "TrainProgress": "training", "ShardStore": "sampling", "sample_batch": "sampling",
+    "DataConfig": "config", "scan_corpus": "corpus", "load_registry": "corpus", "trim_corpus": "preprocess", "build_mel_shards": "preprocess", "preprocess_corpus": "preprocess", "write_shard": "shards", "read_shard": "shards", "read_shard_meta": "shards", "read_utterances": "shards", "ShardError": "shards",
 }
 
 __all__ = sorted(_EXPORTS)

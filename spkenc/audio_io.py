@@ -209,7 +209,6 @@ def decode_blocks(path: PathLike) -> tuple[int, Iterator[np.ndarray]]:
     return info.sample_rate_hz, _sf_blocks(info.path, info)
 
 
-_decode_blocks = decode_blocks  # the name spkenc.stages imported before this was public
 
 
 def _concatenate(blocks: list[np.ndarray]) -> np.ndarray:

@@ -27,11 +27,280 @@ def command(name: str, help_text: str, add_arguments: Callable[[argparse.Argumen
 
 # ---- section: preprocess (corpus -> trimmed wavs -> mel shards) ----
 
+
+def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("corpus_root", type=Path, metavar="CORPUS_ROOT", help="corpus folder (or CSV/TSV file for --layout manifest)")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="manifest.parquet, rejects.parquet, trimmed/, mels/")
+    p.add_argument("--layout", default="auto", choices=("auto", "librispeech", "voxceleb1", "voxceleb2", "speaker_folders", "manifest"),
+                   help="corpus layout (default: detected)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
+    p.add_argument("--corpus", default="", help="corpus name in the manifest and shards (default: the root's name)")
+
+
+@command("preprocess", "scan a corpus, trim its audio and write one mel shard per speaker", _preprocess_arguments)
+def _preprocess(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from spkenc.preprocess import preprocess_corpus
+
+    bars: dict = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="file" if stage != "mel" else "speaker")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    try:
+        result = preprocess_corpus(args.corpus_root, args.out_dir, layout=args.layout, workers=args.workers,
+                                   corpus=args.corpus, progress=show)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    trim, shards = result.trim, result.shards
+    log.info("%d files kept (%.2f h -> %.2f h of speech), %d skipped as unchanged; %d rejects in %s",
+             trim.n_kept, trim.hours_before, trim.hours_after, trim.n_skipped, result.n_rejects, result.rejects_path)
+    log.info("%d speaker shards, %d utterances, %d frames in %s", shards.n_speakers, shards.n_utterances,
+             shards.n_frames, shards.out_dir)
+    if shards.n_speakers == 0:
+        log.error("nothing usable came out of %s: see %s", args.corpus_root, result.rejects_path)
+        return 1
+    return 0
+
+
 # ---- section: train ----
+
+
+_TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "utterances_per_speaker",
+                 "short_speaker_policy", "learning_rate_init", "lr_schedule", "seed", "bf16")
+_MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    from spkenc.config import ModelConfig, TrainConfig
+
+    t, mc = TrainConfig(), ModelConfig()
+    p.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="mel shard folders (searched recursively) or .parquet files")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: encoder.pt, backups/, umap/, loss_curve.png")
+    p.add_argument("--init-from", type=Path, metavar="CKPT", help="fine-tune from an RTVC-format checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/encoder.pt exactly, with its settings unless given here")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, split between local ranks)")
+    p.add_argument("--probe", nargs="+", default=[], type=Path, metavar="SHARD_DIR", help="held-out shards for the UMAP plots")
+    # Training and model settings default to None so that --resume can tell what was given.
+    p.add_argument("--steps", type=int, help=f"total optimizer steps (default {t.steps})")
+    p.add_argument("--save-every", type=int, metavar="K", help=f"write RUN_DIR/encoder.pt every K steps (default {t.save_every})")
+    p.add_argument("--backup-every", type=int, metavar="K", help=f"numbered backup every K steps (default {t.backup_every})")
+    p.add_argument("--speakers-per-batch", type=int, metavar="N", help=f"per rank (default {t.speakers_per_batch})")
+    p.add_argument("--utterances-per-speaker", type=int, metavar="M", help=f"(default {t.utterances_per_speaker})")
+    p.add_argument("--short-speaker-policy", choices=("exclude", "repeat"),
+                   help=f"speakers with fewer than M usable utterances: skip, or repeat utterances (default {t.short_speaker_policy})")
+    p.add_argument("--learning-rate-init", type=float, help=f"Adam learning rate (default {t.learning_rate_init})")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), help=f"(default {t.lr_schedule})")
+    p.add_argument("--seed", type=int, help=f"(default {t.seed})")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast for the encoder (default off)")
+    p.add_argument("--hidden-size", type=int, help=f"LSTM width of a fresh model (default {mc.hidden_size})")
+    p.add_argument("--n-layers", type=int, help=f"LSTM layers of a fresh model (default {mc.n_layers})")
+    p.add_argument("--embedding-size", type=int, help=f"embedding size of a fresh model (default {mc.embedding_size})")
+    p.add_argument("--rank-state-dir", type=Path, help=argparse.SUPPRESS)
+
+
+@command("train", "GE2E training over mel shards (resumable; distributed under torchrun)", _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from spkenc.config import ModelConfig, TrainConfig
+    from spkenc.sampling import find_shards
+    from spkenc.training import stored_train_config, train
+
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
+    given_model = {k: getattr(args, k) for k in _MODEL_FIELDS if getattr(args, k) is not None}
+    try:
+        base = (stored_train_config(args.out) if args.resume else None) or TrainConfig()
+        config = base.replace(**given)
+        # Without model flags, --init-from/--resume take the checkpoint's model shape.
+        model_config = ModelConfig.from_dict(given_model) if given_model or not (args.init_from or args.resume) else None
+        shards = find_shards(args.shard_dirs)
+        probes = find_shards(args.probe) if args.probe else []
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 1
+    bar = tqdm(total=config.steps, unit="step", disable=not is_rank0)
+
+    def show(progress) -> None:
+        bar.n = progress.step
+        bar.set_postfix(loss=f"{progress.loss:.3f}", eer=f"{progress.eer:.3f}", refresh=False)
+        bar.refresh()
+
+    try:
+        result = train(shards, args.out, config, model_config=model_config, init_from=args.init_from, resume=args.resume,
+                       device=args.device, n_threads=args.threads, callback=show, probe_paths=probes,
+                       rank_state_dir=args.rank_state_dir)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 1
+    finally:
+        bar.close()
+    if is_rank0:
+        log.info("step %d, final loss %s: %s", result.step, result.final_loss, result.checkpoint_path)
+    return 0
 
 # ---- section: embed / verify ----
 
+
+def _embedder_arguments(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
+                   help="RTVC-format encoder checkpoint (RTVC's encoder.pt, Resemblyzer's pretrained.pt, spkenc's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="partials per forward pass (default %(default)s)")
+    p.add_argument("--rate", type=float, default=None, metavar="R",
+                   help="partials per second, Resemblyzer's rule (default: RTVC's 50%% overlap)")
+
+
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR",
+                   help="audio files, or folders searched recursively for .wav .flac .ogg .opus .mp3 .m4a .aac")
+    p.add_argument("--output", required=True, type=Path, metavar="OUT.parquet",
+                   help="Parquet: path, embedding, n_partials, duration_s, error")
+    _embedder_arguments(p)
+
+
+def _load_embedder(args: argparse.Namespace):
+    """The Embedder for --checkpoint/--device/--batch-size, or None after logging why not."""
+    from spkenc.inference import Embedder
+
+    try:
+        return Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    except (ValueError, OSError) as error:  # CheckpointError names the file; bad --device/--batch-size
+        log.error("%s", error)
+        return None
+
+
+@command("embed", "embed audio files into a Parquet table of speaker embeddings", _embed_arguments)
+def _embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from spkenc.file_inference import embed_files, find_audio_files, write_embeddings
+
+    embedder = _load_embedder(args)
+    if embedder is None:
+        return 1
+    paths = find_audio_files(args.inputs)
+    if not paths:
+        log.error("no audio files in %s", " ".join(args.inputs))
+        return 1
+    try:
+        rows = list(embed_files(embedder, tqdm(paths, unit="file"), rate=args.rate))
+    except ValueError as error:
+        log.error("%s", error)
+        return 1
+    failed = [row for row in rows if row.error is not None]
+    for row in failed:
+        log.warning("%s", row.error)
+    if len(failed) == len(rows):
+        log.error("none of the %d file(s) could be embedded; %s not written", len(rows), args.output)
+        return 1
+    write_embeddings(rows, args.output)
+    log.info("%s: %d embedded, %d failed", args.output, len(rows) - len(failed), len(failed))
+    return 0
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A", help="first audio file")
+    p.add_argument("b", metavar="B", help="second audio file")
+    _embedder_arguments(p)
+
+
+@command("verify", "print the cosine similarity of two audio files' speaker embeddings", _verify_arguments)
+def _verify(args: argparse.Namespace) -> int:
+    from spkenc.file_inference import verify_files
+
+    embedder = _load_embedder(args)
+    if embedder is None:
+        return 1
+    try:
+        score = verify_files(embedder, args.a, args.b, rate=args.rate)
+    except ValueError as error:
+        log.error("%s", error)
+        return 1
+    print(f"{score:.4f}")
+    return 0
+
+
 # ---- section: evaluate ----
+
+
+def _trials_count(text: str) -> int:
+    """--trials: "all" -> 0 (every cross pair), else a positive count."""
+    if text == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of trials, got {text!r}")
+    return value
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    from spkenc.config import EvalConfig
+
+    e = EvalConfig()
+    p.add_argument("corpus_root", type=Path, metavar="CORPUS_ROOT", help="corpus folder (or CSV/TSV file for --layout manifest)")
+    p.add_argument("--layout", default="auto", choices=("auto", "librispeech", "voxceleb1", "voxceleb2", "speaker_folders", "manifest"),
+                   help="corpus layout (default: detected)")
+    p.add_argument("--output", required=True, type=Path, metavar="REPORT.json",
+                   help="JSON: eer, eer_threshold, min_dcf_0.01, min_dcf_0.05, n_speakers, n_utterances, n_target, n_nontarget")
+    p.add_argument("--trials", type=_trials_count, default=e.max_trials, metavar="all|N",
+                   help="every pair of different files (all, the default) or a seeded sample of N of them")
+    p.add_argument("--trial-seed", type=int, default=e.trial_seed, help="seed of the trial sample (default %(default)s)")
+    p.add_argument("--min-coverage", type=float, default=e.min_coverage, help="keep a last partial this full (default %(default)s)")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="also write the DET curve, score histograms, UMAP and similarity matrix here")
+    _embedder_arguments(p)
+
+
+@command("evaluate", "speaker verification EER and minDCF of a checkpoint on a corpus", _evaluate_arguments)
+def _evaluate(args: argparse.Namespace) -> int:
+    from spkenc.config import EvalConfig
+    from spkenc.verification import evaluate_corpus, write_report_json, write_report_plots
+
+    try:
+        config = EvalConfig(max_trials=args.trials, trial_seed=args.trial_seed, rate=args.rate, min_coverage=args.min_coverage)
+        report, embedded = evaluate_corpus(args.corpus_root, args.checkpoint, layout=args.layout, config=config,
+                                           device=args.device, batch_size=args.batch_size)
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError and AudioError are ValueErrors
+        log.error("%s", error)
+        return 1
+    for failure in embedded.failures:
+        log.warning("skipped %s: %s", failure["path"], failure["reason"])
+    write_report_json(report, args.output)
+    if args.plots is not None:
+        for path in write_report_plots(report, embedded, args.plots).values():
+            log.info("wrote %s", path)
+    log.info("EER %.2f%% at %.4f, minDCF %s; %d speakers, %d utterances (%d skipped), %d target / %d non-target trials: %s",
+             100 * report.eer, report.eer_threshold, ", ".join(f"{v:.4f} at {p:g}" for p, v in sorted(report.min_dcf.items())),
+             report.n_speakers, report.n_utterances, len(embedded.failures), report.n_target, report.n_nontarget, args.output)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,6 +113,10 @@ class TrainConfig(_Config):
     seed: int = 0
     short_speaker_policy: str = "exclude"
     bf16: bool = False
+    log_every: int = 10  # RTVC's vis_every: metrics go to the tracker every this many steps
+    umap_every: int = 100  # RTVC's umap_every: UMAP of the held-out probe set
+    n_probe_speakers: int = 10
+    n_probe_utterances: int = 10
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "step"):
@@ -126,6 +130,11 @@ class TrainConfig(_Config):
                 "GE2E needs at least 2 speakers x 2 utterances per batch, got "
                 f"{self.speakers_per_batch} x {self.utterances_per_speaker}"
             )
+        for name in ("save_every", "backup_every", "log_every", "umap_every", "lr_decay_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.seed < 0:
+            raise ValueError(f"steps and seed must be non-negative, got steps={self.steps}, seed={self.seed}")
 
 
 @dataclass(frozen=True)
@@ -139,3 +148,26 @@ class EvalConfig(_Config):
     eer_ceiling: float = 0.5
     rate: Optional[float] = None  # None: RTVC partial slicing; a float: Resemblyzer's rate rule
     min_coverage: float = 0.75
+
+
+@dataclass(frozen=True)
+class DataConfig(_Config):
+    """Corpus split and preprocessing outputs (the data pipeline's knobs beyond the audio front end).
+
+    `heldout_fraction`: share of a corpus's speakers held out for evaluation, chosen by a stable
+    hash of (corpus, speaker). `max_segment_s`: a recording longer than this is cut into equal
+    segments of at most this length, each preprocessed on its own, so memory stays bounded
+    (RTVC's corpora have no utterance this long). `mel_dtype`: float32 or float16 mel shards.
+    """
+
+    heldout_fraction: float = 0.2
+    max_segment_s: float = 120.0
+    mel_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction <= 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1], got {self.heldout_fraction}")
+        if self.max_segment_s < 10.0:
+            raise ValueError(f"max_segment_s must be at least 10 s, got {self.max_segment_s}")
+        if self.mel_dtype not in ("float32", "float16"):
+            raise ValueError(f"mel_dtype must be float32 or float16, got {self.mel_dtype!r}")

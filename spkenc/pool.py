@@ -1,0 +1,131 @@
+"""Process pools for the preprocessing stages, and a per-folder lock.
+
+Workers start through `forkserver` (fresh processes, no copied parent state), with one BLAS /
+OpenMP / torch thread each so that N workers use N cores. A worker that dies (a decoder
+crash, the OOM killer) breaks the pool; the tasks in flight are retried in a new pool, and a
+task in flight during `max_attempts` crashes is given up with `WorkerDied`.
+"""
+
+import contextlib
+import fcntl
+import logging
+import multiprocessing
+import os
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+_limits: Any = None
+
+
+class WorkerDied(RuntimeError):
+    """The worker process running a task died (it did not raise: it crashed or was killed)."""
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(workers: Optional[int]) -> int:
+    """`workers`, or all cores when None; ValueError when below 1."""
+    if workers is None:
+        return default_workers()
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    return int(workers)
+
+
+def init_worker() -> None:
+    """Pool initializer: one compute thread per worker process."""
+    global _limits
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = "1"
+    from threadpoolctl import threadpool_limits
+
+    _limits = threadpool_limits(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_alone(fn: Callable[[Any], Any], task: Any, context: Any) -> Any:
+    """`fn(task)` in a pool of its own: a crash here can only be this task's."""
+    with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker) as pool:
+        try:
+            return pool.submit(fn, task).result()
+        except BrokenProcessPool:
+            return WorkerDied(f"the worker process died while running this task ({fn.__name__})")
+        except Exception as error:  # the task's own error, reported as its result
+            return error
+
+
+def map_unordered(
+    fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, preload: Sequence[str] = ()
+) -> Iterator[tuple[Any, Any]]:
+    """Yield (task, fn(task)) as results arrive; at most 2 * workers tasks are in flight.
+
+    Exceptions raised by `fn` are yielded as the result (the caller turns them into
+    rejects). When a worker dies, every task then in flight is rerun alone in a fresh
+    process, so only the task that kills its worker ends as `WorkerDied`. `fn` and the
+    tasks must be picklable. `preload` names modules the fork server imports once, so that
+    each new worker starts with them loaded (it applies when the server starts).
+    """
+    pending = list(tasks)[::-1]
+    context = multiprocessing.get_context("forkserver")
+    if preload:
+        context.set_forkserver_preload(list(preload))
+    while pending:
+        crashed: list[Any] = []
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
+            running: dict[Future, Any] = {}
+            while (pending and not crashed) or running:
+                while pending and len(running) < 2 * workers and not crashed:
+                    task = pending.pop()
+                    try:
+                        running[pool.submit(fn, task)] = task
+                    except BrokenProcessPool:
+                        pending.append(task)
+                        break
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        crashed.append(task)
+                        continue
+                    except Exception as error:  # the task's own error, reported as its result
+                        result = error
+                    yield task, result
+        if crashed:
+            log.warning("a pool worker died; rerunning the %d task(s) then in flight one by one", len(crashed))
+        for task in crashed:
+            yield task, _run_alone(fn, task, context)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Union[str, Path]) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder/.lock` (blocking): two runs writing the same output
+    folder take turns instead of interleaving."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

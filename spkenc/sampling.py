@@ -1,0 +1,316 @@
+"""GE2E batch sampling over mel shards: N speakers x M utterances x 160-frame random partials.
+
+A batch is a pure function of (seed, step, rank). A resumed run therefore draws exactly the
+batches an uninterrupted run would have drawn, and ranks of a distributed run draw disjoint
+speakers without talking to each other:
+
+- `np.random.default_rng([seed, step])` draws ONE permutation of the eligible speakers, the
+  same on every rank; rank r takes positions [r*N, (r+1)*N). No speaker appears twice in a
+  batch, and no two ranks share a speaker at the same step.
+- `np.random.default_rng([seed, step, rank, 1])` then picks each speaker's M utterances and
+  each utterance's random 160-frame crop.
+
+Short-speaker policy (a speaker with fewer than M usable utterances; an utterance is usable when
+it has at least `partial_n_frames` frames):
+- `"exclude"` (default): the speaker is never drawn. Every batch holds M distinct utterances per
+  speaker, as in RTVC, which simply skipped such speakers.
+- `"repeat"`: the speaker is drawn; when it has fewer than M usable utterances, its utterances are
+  drawn with replacement (each copy gets its own random crop). Speakers with no usable utterance
+  are never drawn.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from spkenc.config import AudioConfig
+
+log = logging.getLogger(__name__)
+
+SHORT_SPEAKER_POLICIES = ("exclude", "repeat")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One GE2E batch for one rank.
+
+    `mels`: (N, M, partial_n_frames, n_mels) float32 mel frames.
+    `speaker_indices`: (N,) indices into `ShardStore.speakers`.
+    `utterance_indices`, `offsets_frames`: (N, M) the utterance row in the speaker's shard and
+    the first frame of the crop.
+    """
+
+    mels: np.ndarray
+    speaker_indices: np.ndarray
+    utterance_indices: np.ndarray
+    offsets_frames: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpeakerShard:
+    """One speaker's shard: where it is and how long each utterance is (in frames)."""
+
+    path: Path
+    speaker_id: str
+    corpus: str
+    n_frames: np.ndarray  # (n_utterances,) int
+
+
+class ShardStore:
+    """The mel shards of a training run, keyed by speaker.
+
+    All mels are read into memory when they fit `memory_budget_bytes` (float32 size);
+    otherwise utterances are read on demand, row group by row group, via
+    `spkenc.shards.read_utterances`. Either way `utterances(i, rows)` returns (T, n_mels)
+    float32 arrays.
+
+    Raises ValueError when no paths are given or when two shards hold the same
+    (corpus, speaker); `spkenc.shards.ShardError` when a shard's audio parameters differ
+    from `audio_config`.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[Path],
+        audio_config: AudioConfig = AudioConfig(),
+        memory_budget_bytes: int = 2 * 2**30,
+    ) -> None:
+        from spkenc.shards import read_shard, read_shard_meta
+
+        self.audio_config = audio_config
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("ShardStore: no shard files given")
+        speakers: list[SpeakerShard] = []
+        owner: dict[tuple[str, str], Path] = {}
+        for path in paths:
+            meta = read_shard_meta(path)
+            if meta.audio_config != audio_config:
+                from spkenc.shards import ShardError
+
+                raise ShardError(
+                    f"{path}: audio parameters {meta.audio_config.to_dict()} differ from the "
+                    f"model's {audio_config.to_dict()}"
+                )
+            key = (meta.corpus, meta.speaker_id)
+            if key in owner:
+                raise ValueError(
+                    f"{path}: speaker {meta.speaker_id!r} of corpus {meta.corpus!r} is already in "
+                    f"{owner[key]}; a speaker must have exactly one shard"
+                )
+            owner[key] = path
+            speakers.append(SpeakerShard(path, meta.speaker_id, meta.corpus, np.asarray(meta.n_frames)))
+        self.speakers: list[SpeakerShard] = speakers
+        n_bytes = sum(int(s.n_frames.sum()) for s in speakers) * audio_config.n_mels * 4
+        self.n_bytes = n_bytes
+        self.in_memory = n_bytes <= memory_budget_bytes
+        self._mels: Optional[list[list[np.ndarray]]] = None
+        if self.in_memory:
+            self._mels = [read_shard(s.path, expected_audio=audio_config).mels for s in speakers]
+        log.info(
+            "%d speaker shards, %.1f MB of mels, %s",
+            len(speakers),
+            n_bytes / 1e6,
+            "kept in memory" if self.in_memory else "read on demand",
+        )
+
+    def __len__(self) -> int:
+        return len(self.speakers)
+
+    def usable_counts(self) -> np.ndarray:
+        """(n_speakers,) number of utterances with at least `partial_n_frames` frames."""
+        partial = self.audio_config.partial_n_frames
+        return np.array([int((s.n_frames >= partial).sum()) for s in self.speakers], dtype=np.int64)
+
+    def utterances(self, speaker_index: int, rows: Sequence[int]) -> list[np.ndarray]:
+        """The (T, n_mels) float32 mels of rows `rows` of speaker `speaker_index`'s shard."""
+        if self._mels is not None:
+            return [self._mels[speaker_index][r] for r in rows]
+        from spkenc.shards import read_utterances
+
+        unique = sorted(set(int(r) for r in rows))
+        read = dict(zip(unique, read_utterances(self.speakers[speaker_index].path, unique, self.audio_config)))
+        return [read[int(r)] for r in rows]
+
+
+def eligible_speakers(usable_counts: np.ndarray, utterances_per_speaker: int, policy: str = "exclude") -> np.ndarray:
+    """Indices of the speakers a batch may draw, given each speaker's usable utterance count.
+
+    >>> eligible_speakers(np.array([10, 3, 0, 12]), 10, "exclude").tolist()
+    [0, 3]
+    >>> eligible_speakers(np.array([10, 3, 0, 12]), 10, "repeat").tolist()
+    [0, 1, 3]
+    """
+    if policy not in SHORT_SPEAKER_POLICIES:
+        raise ValueError(f"short_speaker_policy must be one of {SHORT_SPEAKER_POLICIES}, got {policy!r}")
+    counts = np.asarray(usable_counts)
+    minimum = utterances_per_speaker if policy == "exclude" else 1
+    return np.flatnonzero(counts >= minimum)
+
+
+def fit_batch_geometry(
+    usable_counts: np.ndarray,
+    speakers_per_batch: int,
+    utterances_per_speaker: int,
+    policy: str = "exclude",
+    world_size: int = 1,
+) -> tuple[int, int]:
+    """Shrink (N, M) to what a small corpus can fill, speakers first.
+
+    Keeps (N, M) when N * world_size speakers are eligible. Otherwise, under "exclude", M drops
+    to the largest value that keeps as many speakers as possible (up to N * world_size), then N
+    drops to the eligible speakers per rank. Under "repeat" only N drops. Raises ValueError
+    when not even 2 speakers per rank with 2 usable utterances exist.
+
+    >>> fit_batch_geometry(np.array([8] * 20), 64, 10)
+    (20, 8)
+    >>> fit_batch_geometry(np.array([8] * 20), 64, 10, policy="repeat")
+    (20, 10)
+    >>> fit_batch_geometry(np.array([12] * 200), 64, 10)
+    (64, 10)
+    >>> fit_batch_geometry(np.array([12] * 200), 64, 10, world_size=4)
+    (50, 10)
+    """
+    counts = np.asarray(usable_counts)
+    wanted = speakers_per_batch * world_size
+    m = utterances_per_speaker
+    if policy == "exclude":
+        reachable = min(wanted, int((counts >= 2).sum()))
+        while m > 2 and int((counts >= m).sum()) < reachable:
+            m -= 1
+    n = min(speakers_per_batch, len(eligible_speakers(counts, m, policy)) // world_size)
+    if n < 2 or m < 2:
+        raise ValueError(
+            f"GE2E needs 2 speakers x 2 usable utterances per rank; the shards give {n} speakers "
+            f"x {m} utterances per rank for {world_size} rank(s)"
+        )
+    return n, m
+
+
+def require_eligible(
+    store: "ShardStore", speakers_per_batch: int, utterances_per_speaker: int, short_speaker_policy: str, world_size: int
+) -> np.ndarray:
+    """Indices of the eligible speakers; ValueError with the numbers when a batch cannot be filled."""
+    eligible = eligible_speakers(store.usable_counts(), utterances_per_speaker, short_speaker_policy)
+    needed = speakers_per_batch * world_size
+    if len(eligible) < needed:
+        minimum = utterances_per_speaker if short_speaker_policy == "exclude" else 1
+        raise ValueError(
+            f"{len(eligible)} of {len(store)} speakers have >= {minimum} utterances of >= "
+            f"{store.audio_config.partial_n_frames} frames, but a batch needs {speakers_per_batch} speakers x "
+            f"{world_size} rank(s) = {needed} (short_speaker_policy={short_speaker_policy!r})"
+        )
+    return eligible
+
+
+def sample_batch(
+    store: ShardStore,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    speakers_per_batch: int = 64,
+    utterances_per_speaker: int = 10,
+    short_speaker_policy: str = "exclude",
+) -> Batch:
+    """Draw rank `rank`'s batch for optimizer step `step` (a pure function of seed, step, rank).
+
+    Returns a `Batch` whose `mels` is (N, M, partial_n_frames, n_mels) float32. See the module
+    docstring for the draw and the short-speaker policy. Raises ValueError when fewer than
+    N * world_size speakers are eligible, naming both numbers.
+    """
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    n, m = speakers_per_batch, utterances_per_speaker
+    partial = store.audio_config.partial_n_frames
+    eligible = require_eligible(store, n, m, short_speaker_policy, world_size)
+    order = np.random.default_rng([seed, step]).permutation(eligible)
+    chosen = order[rank * n : (rank + 1) * n]
+    rng = np.random.default_rng([seed, step, rank, 1])
+    mels = np.empty((n, m, partial, store.audio_config.n_mels), dtype=np.float32)
+    rows_out = np.empty((n, m), dtype=np.int64)
+    offsets = np.empty((n, m), dtype=np.int64)
+    for i, speaker in enumerate(chosen):
+        n_frames = store.speakers[speaker].n_frames
+        usable = np.flatnonzero(n_frames >= partial)
+        rows = rng.choice(usable, size=m, replace=len(usable) < m)
+        starts = rng.integers(0, n_frames[rows] - partial + 1)
+        for j, (utt, start) in enumerate(zip(store.utterances(int(speaker), rows), starts)):
+            mels[i, j] = utt[start : start + partial]
+        rows_out[i], offsets[i] = rows, starts
+    return Batch(mels, chosen.astype(np.int64), rows_out, offsets)
+
+
+def shards_for_split(shard_dir: Path, manifest_path: Path, split: str = "train") -> list[Path]:
+    """The shards in `shard_dir` whose speaker is in `split` in the corpus manifest.
+
+    A speaker is identified by the shard's `spkenc.speaker_id` metadata, not the file name.
+    Raises FileNotFoundError naming the manifest or shard folder when one is missing.
+    """
+    import pyarrow.parquet as pq
+
+    from spkenc.shards import read_shard_meta
+
+    if not Path(manifest_path).is_file():
+        raise FileNotFoundError(f"{manifest_path}: corpus manifest not found (materialize raw_corpus first)")
+    if not Path(shard_dir).is_dir():
+        raise FileNotFoundError(f"{shard_dir}: mel shard folder not found (materialize mel_shards first)")
+    table = pq.read_table(manifest_path, columns=["speaker_id", "split"]).to_pydict()
+    in_split = {s for s, sp in zip(table["speaker_id"], table["split"]) if sp == split}
+    paths = sorted(p for p in Path(shard_dir).glob("*.parquet") if not p.name.startswith("."))
+    return [p for p in paths if read_shard_meta(p).speaker_id in in_split]
+
+
+def find_shards(paths: Iterable[Path]) -> list[Path]:
+    """Expand folders into their `*.parquet` files (recursively, hidden files skipped), sorted.
+
+    Raises FileNotFoundError naming a path that does not exist, ValueError when nothing is found.
+    """
+    paths = [Path(p) for p in paths]
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for p in sorted(path.rglob("*.parquet")):
+                if not any(part.startswith(".") for part in p.relative_to(path).parts):
+                    found.append(p)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such shard file or folder")
+    if not found:
+        raise ValueError(f"no *.parquet mel shards under {[str(p) for p in paths]}")
+    return found
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed held-out partials: `mels` (P, partial_n_frames, n_mels) float32, `labels` P speaker ids."""
+
+    mels: np.ndarray
+    labels: list[str]
+
+
+def probe_partials(
+    paths: Sequence[Path], audio_config: AudioConfig = AudioConfig(), n_speakers: int = 10, n_utterances: int = 10
+) -> Optional[ProbeSet]:
+    """The centre partial of the first `n_utterances` usable utterances of the first `n_speakers`
+    shards (sorted by path): the same probe set at every step. None when no utterance is usable."""
+    from spkenc.shards import read_shard
+
+    partial = audio_config.partial_n_frames
+    mels, labels = [], []
+    for path in sorted(Path(p) for p in paths)[:n_speakers]:
+        shard = read_shard(path, expected_audio=audio_config)
+        for mel in [m for m in shard.mels if len(m) >= partial][:n_utterances]:
+            start = (len(mel) - partial) // 2
+            mels.append(mel[start : start + partial])
+            labels.append(shard.speaker_id)
+    if not mels:
+        log.warning("no probe utterance has %d frames; no UMAP will be drawn", partial)
+        return None
+    return ProbeSet(np.stack(mels).astype(np.float32), labels)

@@ -1,0 +1,147 @@
+"""Batch sampling over real mel shards made from the committed demo corpus."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spkenc.config import AudioConfig
+from spkenc.sampling import ShardStore, eligible_speakers, find_shards, fit_batch_geometry, sample_batch, shards_for_split
+
+PARTIAL = AudioConfig().partial_n_frames
+
+
+def demo_mels(demo_dir: Path, speaker: str) -> list[tuple[str, np.ndarray]]:
+    """(utterance_id, (T, 40) mel) of a demo speaker's utterances with at least one partial."""
+    from spkenc.audio import preprocess_wav, wav_to_mel
+
+    out = []
+    for path in sorted((demo_dir / speaker).glob("*.flac")):
+        mel = wav_to_mel(preprocess_wav(path))
+        if len(mel) >= PARTIAL:
+            out.append((path.stem, mel))
+    return out
+
+
+def write(path: Path, speaker: str, utterances: list[tuple[str, np.ndarray]], **kwargs) -> Path:
+    from spkenc.shards import write_shard
+
+    return write_shard(path, speaker, [(u, mel, f"{speaker}/{u}.flac") for u, mel in utterances], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_dir: Path, tmp_path_factory) -> dict:
+    """6 demo speakers' shards; speaker 'short' has 3 usable utterances plus one under 160 frames."""
+    folder = tmp_path_factory.mktemp("shards")
+    speakers = sorted(p.name for p in demo_dir.iterdir() if p.is_dir())[:6]
+    mels = {s: demo_mels(demo_dir, s) for s in speakers}
+    paths = [write(folder / f"{s}.parquet", s, mels[s][:5], corpus="demo") for s in speakers[:5]]
+    donor = mels[speakers[5]]
+    short = donor[:3] + [("tiny", donor[3][1][: PARTIAL - 1])]
+    paths.append(write(folder / "short.parquet", "short", short, corpus="demo"))
+    return {"folder": folder, "paths": paths, "mels": mels, "speakers": speakers, "short": short}
+
+
+def test_a_batch_is_a_pure_function_of_seed_step_rank(corpus):
+    store = ShardStore(corpus["paths"])
+    a = sample_batch(store, seed=3, step=7, rank=1, world_size=2, speakers_per_batch=2, utterances_per_speaker=4)
+    b = sample_batch(ShardStore(corpus["paths"]), seed=3, step=7, rank=1, world_size=2, speakers_per_batch=2, utterances_per_speaker=4)
+    assert a.mels.shape == (2, 4, PARTIAL, 40) and a.mels.dtype == np.float32
+    assert np.array_equal(a.mels, b.mels) and np.array_equal(a.speaker_indices, b.speaker_indices)
+    draws = {sample_batch(store, 3, step, 0, 1, 2, 4).mels.tobytes() for step in range(6)}
+    assert len(draws) == 6, "different steps must draw different batches"
+
+
+def test_crops_are_the_named_frames_of_the_named_utterances(corpus):
+    store = ShardStore(corpus["paths"])
+    batch = sample_batch(store, seed=0, step=1, speakers_per_batch=3, utterances_per_speaker=4)
+    for i, speaker in enumerate(batch.speaker_indices):
+        source = store.utterances(int(speaker), batch.utterance_indices[i])
+        for j, (mel, start) in enumerate(zip(source, batch.offsets_frames[i])):
+            assert 0 <= start <= len(mel) - PARTIAL
+            assert np.array_equal(batch.mels[i, j], mel[start : start + PARTIAL])
+
+
+def test_no_speaker_twice_in_a_batch_and_ranks_draw_disjoint_speakers(corpus):
+    store = ShardStore(corpus["paths"])
+    for step in range(30):
+        ranks = [sample_batch(store, 0, step, r, 2, 2, 4).speaker_indices for r in range(2)]
+        for chosen in ranks:
+            assert len(set(chosen.tolist())) == 2
+        assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+
+
+def test_short_speaker_policy_exclude_never_draws_it_and_repeat_reuses_utterances(corpus):
+    store = ShardStore(corpus["paths"])
+    short = [s.speaker_id for s in store.speakers].index("short")
+    assert store.usable_counts()[short] == 3
+    excluded = {int(i) for step in range(40) for i in sample_batch(store, 0, step, 0, 1, 5, 4, "exclude").speaker_indices}
+    assert short not in excluded and len(excluded) == 5
+    tiny_row = len(corpus["short"]) - 1
+    for step in range(10):
+        batch = sample_batch(store, 0, step, 0, 1, 6, 4, "repeat")
+        rows = batch.utterance_indices[list(batch.speaker_indices).index(short)]
+        assert len(set(rows.tolist())) <= 3, "4 draws from 3 usable utterances must repeat one"
+        assert tiny_row not in rows, "an utterance under 160 frames is never cropped"
+
+
+def test_too_few_speakers_is_an_error_with_the_numbers(corpus):
+    store = ShardStore(corpus["paths"])
+    with pytest.raises(ValueError, match=r"5 of 6 speakers .* needs 3 speakers x 2 rank\(s\) = 6"):
+        sample_batch(store, 0, 0, 0, 2, 3, 4, "exclude")
+    with pytest.raises(ValueError, match="GE2E needs 2 speakers"):
+        fit_batch_geometry(np.array([9, 1, 1]), 64, 10)
+
+
+def test_on_demand_reading_gives_the_same_batches_as_in_memory(corpus):
+    memory = ShardStore(corpus["paths"])
+    on_demand = ShardStore(corpus["paths"], memory_budget_bytes=0)
+    assert memory.in_memory and not on_demand.in_memory
+    for step in range(3):
+        a = sample_batch(memory, 1, step, speakers_per_batch=3, utterances_per_speaker=5)
+        b = sample_batch(on_demand, 1, step, speakers_per_batch=3, utterances_per_speaker=5)
+        assert np.array_equal(a.mels, b.mels)
+
+
+def test_a_speaker_with_two_shards_is_refused_naming_both_files(corpus, tmp_path):
+    copy = write(tmp_path / "again.parquet", corpus["speakers"][0], corpus["mels"][corpus["speakers"][0]][:2], corpus="demo")
+    with pytest.raises(ValueError, match=rf"{copy}: speaker .* already in {corpus['paths'][0]}"):
+        ShardStore(corpus["paths"] + [copy])
+
+
+def test_a_shard_with_other_audio_parameters_is_refused(corpus, tmp_path):
+    from spkenc.shards import ShardError
+
+    other = write(tmp_path / "other.parquet", "x", corpus["short"][:2], corpus="demo", audio_config=AudioConfig(vad_mode=2))
+    with pytest.raises(ShardError, match=str(other)):
+        ShardStore([corpus["paths"][0], other])
+
+
+def test_find_shards_expands_folders_and_rejects_missing_or_empty(corpus, tmp_path):
+    assert find_shards([corpus["folder"]]) == sorted(corpus["paths"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_shards([tmp_path / "nowhere"])
+    with pytest.raises(ValueError, match="no \\*.parquet mel shards"):
+        find_shards([tmp_path])
+
+
+def test_shards_for_split_keeps_the_speakers_of_that_split(corpus, tmp_path):
+    speakers = corpus["speakers"][:5]
+    manifest = tmp_path / "manifest.parquet"
+    splits = ["train", "heldout", "train", "train", "heldout"]
+    pq.write_table(pa.table({"speaker_id": speakers + ["short"], "split": splits + ["train"]}), manifest)
+    train = shards_for_split(corpus["folder"], manifest, "train")
+    assert train == sorted(corpus["folder"] / f"{s}.parquet" for s, sp in zip(speakers + ["short"], splits + ["train"]) if sp == "train")
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        shards_for_split(corpus["folder"], tmp_path / "missing.parquet")
+
+
+def test_eligible_speakers_and_geometry_follow_the_policy():
+    counts = np.array([10, 4, 0, 12])
+    assert eligible_speakers(counts, 10, "exclude").tolist() == [0, 3]
+    assert fit_batch_geometry(counts, 64, 10, "exclude") == (3, 4)
+    assert fit_batch_geometry(counts, 64, 10, "repeat") == (3, 10)
+    with pytest.raises(ValueError, match="short_speaker_policy"):
+        eligible_speakers(counts, 10, "drop")
