@@ -1,5 +1,6 @@
 """Shared fixtures: the committed demo corpus, the shared data folder, the reference package."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (a fresh clone has no ../shared; CI has it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for the module (the 2 cores here are shared with BLAS and workers)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def pipeline_env(work_dir: Path, dagster_home: Path) -> dict[str, str]:
+    """Environment for a `dagster` subprocess on a temporary instance, work folder and MLflow store."""
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "SPKENC_WORK_DIR": str(work_dir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work_dir / 'mlflow.db'}",
+        "SPKENC_CORPORA": str(REPO / "corpora.yaml"),
+        "OMP_NUM_THREADS": "1",
+    }

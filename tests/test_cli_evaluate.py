@@ -19,12 +19,7 @@ from spkenc.cli import main
 REPORT_KEYS = ["eer", "eer_threshold", "min_dcf_0.01", "min_dcf_0.05", "n_speakers", "n_utterances", "n_target", "n_nontarget"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

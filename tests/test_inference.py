@@ -14,12 +14,7 @@ PRETRAINED = Path(resemblyzer.__file__).parent / "pretrained.pt"
 PARITY = 0.99999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import pipeline_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,15 +38,7 @@ def work(demo_dir, tmp_path_factory) -> dict:
     home.mkdir()
     scan = scan_corpus(demo_dir, layout="speaker_folders", corpus="demo_tiny", heldout_fraction=0.2)
     scan.write(work_dir / "corpora" / "demo_tiny" / "manifest.parquet", work_dir / "rejects" / "demo_tiny" / "scan.parquet")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "SPKENC_WORK_DIR": str(work_dir),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work_dir / 'mlflow.db'}",
-        "SPKENC_CORPORA": str(REPO / "corpora.yaml"),
-        "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + str(REPO),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = pipeline_env(work_dir, home)
     heldout = scan.speakers_in("heldout")
     assert 2 <= len(heldout) < 24
     return {"work_dir": work_dir, "home": home, "env": env, "heldout": heldout,

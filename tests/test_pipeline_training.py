@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pipeline_env
+
 from spkenc.config import AudioConfig, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,15 +39,7 @@ def work(demo_dir: Path, tmp_path_factory) -> dict:
         files = sorted(Path(r["path"]) for r in scan.rows if r["speaker_id"] == speaker)
         mels = [(f.stem, wav_to_mel(preprocess_wav(f)), str(f)) for f in files]
         write_shard(work_dir / "mels" / "demo_tiny" / f"{speaker}.parquet", speaker, mels, corpus="demo_tiny")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "SPKENC_WORK_DIR": str(work_dir),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work_dir / 'mlflow.db'}",
-        "SPKENC_CORPORA": str(REPO / "corpora.yaml"),
-        "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + str(REPO),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = pipeline_env(work_dir, home)
     return {"work_dir": work_dir, "home": home, "env": env, "train": scan.speakers_in("train"), "heldout": scan.speakers_in("heldout")}
 
 
