@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 _DECODE_BLOCK_FRAMES = 1 << 20  # about a minute at 16 kHz per decoded block
+_OGG_MAX_PAGE_BYTES = 27 + 255 + 255 * 255  # page header, lacing table, largest payload (RFC 3533)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -93,6 +94,26 @@ def _check_wav_header(name: str) -> None:
             offset += 8 + chunk_size + (chunk_size & 1)
 
 
+def _check_ogg_end(name: str) -> None:
+    """Refuse an Ogg file that does not end with a whole end-of-stream page (other files pass).
+
+    Every Ogg encoder closes its stream with a page flagged end-of-stream (RFC 3533), so a file
+    cut short ends in a partial page or a page without that flag. libsndfile would return the
+    part that decodes, and a cut recording would enter a corpus as a short one.
+    """
+    with open(name, "rb") as f:
+        if f.read(4) != b"OggS":
+            return
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - _OGG_MAX_PAGE_BYTES))
+        tail = f.read()
+    page = tail[tail.rfind(b"OggS") :]
+    n_segments = page[26] if len(page) > 26 else 0
+    whole = len(page) > 26 and len(page) >= 27 + n_segments + sum(page[27 : 27 + n_segments])
+    if not (whole and page[5] & 0x04):
+        raise AudioError(f"{name}: truncated: the Ogg stream ends without its end-of-stream page")
+
+
 def _av_n_frames(container: "av.container.InputContainer", stream: "av.AudioStream") -> Optional[int]:
     """Presentation length in samples (after the edit list removes encoder padding), or None."""
     if stream.duration is not None and stream.time_base is not None:
@@ -131,6 +152,7 @@ def _read_info(path: PathLike) -> tuple[AudioInfo, Optional["sf.LibsndfileError"
     """The header facts, and libsndfile's error when only PyAV can open the file (else None)."""
     name = _checked_path(path)
     _check_wav_header(name)
+    _check_ogg_end(name)
     try:
         header = sf.info(name)
     except sf.LibsndfileError as sf_error:
@@ -138,6 +160,9 @@ def _read_info(path: PathLike) -> tuple[AudioInfo, Optional["sf.LibsndfileError"
             stream = container.streams.audio[0]
             n_frames = _av_n_frames(container, stream) or 0
             rate = stream.rate or 0
+            if rate <= 0:  # FFmpeg's probe guessed a format for bytes that are no audio
+                raise AudioError(f"{name}: not a readable audio file (libsndfile: {sf_error.error_string}; "
+                                 f"PyAV reads it as {container.format.name} with no sample rate)")
             info = AudioInfo(name, stream.codec_context.name.upper(), rate, stream.channels, n_frames,
                              n_frames / rate if rate else 0.0)
         return _validated(info), sf_error
@@ -223,9 +248,10 @@ def load_audio(path: PathLike) -> tuple[np.ndarray, int]:
     Integer PCM lands in [-1, 1]; float files are returned as stored. Channels are averaged.
     Reads WAV (8/16/24/32-bit int, 32/64-bit float), FLAC, Ogg Vorbis/Opus, MP3 (libsndfile)
     and M4A/AAC or anything else FFmpeg reads (PyAV, trimmed to the container's stated length).
-    Truncation: a WAV or FLAC that ends before its header says raises AudioError instead of
-    returning the part that decodes, so a cut recording never enters a corpus as a short one.
-    Ogg, MP3 and M4A carry no reliable length to check against: their decodable part is returned.
+    Truncation: a WAV or FLAC that ends before its header says, and an Ogg file without its
+    end-of-stream page, raise AudioError instead of returning the part that decodes, so a cut
+    recording never enters a corpus as a short one. MP3 and M4A carry no reliable length to
+    check against: their decodable part is returned.
     Raises AudioError (path first, then the reason) for empty, missing, non-audio, truncated or
     corrupt files and for NaN/Inf samples.
     """

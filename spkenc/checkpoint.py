@@ -103,6 +103,20 @@ def checkpoint_state(
     return {key: _to_plain(value, key) for key, value in state.items()}
 
 
+def _remove_orphan_temps(path: Path) -> None:
+    """Delete `.<name>.<pid>.<hex>.tmp` files of `path` whose writer process is gone (kill -9)."""
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = temp.name[len(path.name) + 2 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            temp.unlink(missing_ok=True)
+        except PermissionError:  # alive, owned by another user
+            pass
+
+
 def save_checkpoint(
     path: PathLike,
     encoder: SpeakerEncoder,
@@ -123,6 +137,7 @@ def save_checkpoint(
     state = checkpoint_state(encoder, loss, optimizer, step, configs, extra)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphan_temps(path)
         # O_EXCL on a random name, as mkstemp does, but with the umask's file mode, not 0600
         temp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

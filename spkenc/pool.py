@@ -129,3 +129,15 @@ def folder_lock(folder: Union[str, Path]) -> Iterator[Path]:
             yield folder
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_orphan_temps(folder: Union[str, Path]) -> int:
+    """Delete the `.<name>....tmp` files under `folder` that killed writers left behind, and
+    return how many. Call it while holding `folder_lock(folder)`: then no writer is mid-write."""
+    orphans = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    if orphans:
+        log.info("%s: removed %d temporary file(s) left by a killed run", folder, len(orphans))
+    return len(orphans)
+

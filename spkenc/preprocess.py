@@ -4,7 +4,10 @@ Both stages run over a process pool (`workers`, default all cores), write every 
 atomically (temporary file + `os.replace`), hold a lock on their output folder, and are
 incremental: an index next to the outputs records, per source, its size, mtime and the hash of
 the parameters that shaped the output, and a rerun redoes only what changed. Outputs of
-sources that left the manifest are deleted.
+sources that left the manifest are deleted. The index is also saved every
+`INDEX_CHECKPOINT_S` seconds while a stage runs, so a run killed mid-way (even `kill -9`)
+redoes only the work it had not finished. A "processing error" or "worker died" outcome is not
+kept as final: the next run tries that source again.
 
 Trim rejects carry one of three reasons: "decode error: ...", "empty after trimming" or
 "under 1.6 s of speech" (AudioConfig.min_utterance_s); a bug or a crash in a worker shows as
@@ -23,13 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spkenc.config import AudioConfig, DataConfig
-from spkenc.pool import WorkerDied, folder_lock, map_unordered, resolve_workers
+from spkenc.pool import WorkerDied, folder_lock, map_unordered, remove_orphan_temps, resolve_workers
 from spkenc.shards import write_table_atomic
 from spkenc.stages import params_hash
 
 log = logging.getLogger(__name__)
 
 TRIM_INDEX = ".index.parquet"
+INDEX_CHECKPOINT_S = 2.0  # how often a running stage saves its index
 # Imported once by the fork server, so that pool workers start with them loaded.
 _WORKER_MODULES = ("spkenc.audio", "spkenc.stages", "spkenc.shards", "soundfile")
 Progress = Callable[[int, int], None]
@@ -128,6 +132,7 @@ def trim_corpus(
     rows = _manifest_rows(manifest)
     digest = params_hash(config.to_dict(), data_config.max_segment_s, "trim-v1")
     with folder_lock(out_dir):
+        remove_orphan_temps(out_dir)
         old = _read_index(out_dir / TRIM_INDEX)
         index: dict[str, dict] = {}
         tasks = []
@@ -157,21 +162,33 @@ def trim_corpus(
         log.info("%s: %d sources to trim, %d unchanged", out_dir, len(tasks), n_skipped)
         peak = cpu_s = 0.0
         fields = set(_INDEX_SCHEMA.names)
+        saved = time.monotonic()
         for done, (task, result) in enumerate(map_unordered(_trim_task, tasks, workers, _WORKER_MODULES), start=1):
+            entry = {k: v for k, v in task.items() if k in fields}
             if isinstance(result, BaseException):
                 kind = "worker died" if isinstance(result, WorkerDied) else "processing error"
                 result = {"reason": f"{kind}: {type(result).__name__}: {result}", "outputs": [], "output_durations_s": []}
+                entry["bytes"] = -1  # not a verdict on the file: the next run tries it again
             peak = max(peak, result.pop("peak_rss_mb", 0.0))
             cpu_s += result.pop("cpu_s", 0.0)
-            index[task["source"]] = {**{k: v for k, v in task.items() if k in fields}, **result}
+            index[task["source"]] = {**entry, **result}
             if progress is not None:
                 progress(n_skipped + done, len(rows))
+            if time.monotonic() - saved >= INDEX_CHECKPOINT_S:
+                # Old entries of sources not yet redone stay listed, so their outputs stay known.
+                _write_trim_index({**old, **index}, out_dir)
+                saved = time.monotonic()
         if progress is not None and not tasks:
             progress(len(rows), len(rows))
         _remove_stale(out_dir, old, index)
-        entries = sorted(index.values(), key=lambda e: e["source"])
-        write_table_atomic(pa.Table.from_pylist(entries, schema=_INDEX_SCHEMA), out_dir / TRIM_INDEX)
+        entries = _write_trim_index(index, out_dir)
     return _trim_result(out_dir, entries, len(tasks), n_skipped, peak, cpu_s)
+
+
+def _write_trim_index(index: dict[str, dict], out_dir: Path) -> list[dict]:
+    entries = sorted(index.values(), key=lambda e: e["source"])
+    write_table_atomic(pa.Table.from_pylist(entries, schema=_INDEX_SCHEMA), out_dir / TRIM_INDEX)
+    return entries
 
 
 def _remove_stale(out_dir: Path, old: dict[str, dict], index: dict[str, dict]) -> None:
@@ -260,6 +277,7 @@ def build_mel_shards(
     digest = params_hash(config.to_dict(), mel_dtype, corpus, "mel-v1")
     index_path = out_dir / ".index.json"
     with folder_lock(out_dir):
+        remove_orphan_temps(out_dir)
         old = json.loads(index_path.read_text()) if index_path.is_file() else {}
         index: dict[str, dict] = {}
         tasks = []
@@ -274,6 +292,7 @@ def build_mel_shards(
                           "path": str(shard), "corpus": corpus, "config": config.to_dict(), "mel_dtype": mel_dtype,
                           "fingerprint": fingerprint})
         n_skipped, cpu_s = len(index), 0.0
+        saved = time.monotonic()
         for done, (task, result) in enumerate(map_unordered(_mel_task, tasks, workers, _WORKER_MODULES), start=1):
             if isinstance(result, BaseException):
                 result = {"written": False, "rejects": [{"path": task["path"], "stage": "mel", "reason": f"{type(result).__name__}: {result}"}]}
@@ -281,12 +300,23 @@ def build_mel_shards(
             index[task["speaker_id"]] = {"fingerprint": task["fingerprint"] if result["written"] else "", "rejects": result["rejects"]}
             if progress is not None:
                 progress(n_skipped + done, len(speakers))
+            if time.monotonic() - saved >= INDEX_CHECKPOINT_S:
+                _write_json_atomic({**old, **index}, index_path)
+                saved = time.monotonic()
         for speaker in set(old) - set(index):
             (out_dir / f"{speaker}.parquet").unlink(missing_ok=True)
-        temp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        os.replace(temp, index_path)
+        _write_json_atomic(index, index_path)
     return _shards_result(out_dir, index, len(tasks), n_skipped, cpu_s)
+
+
+def _write_json_atomic(value: dict, path: Path) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(json.dumps(value, indent=1, sort_keys=True))
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _shards_result(out_dir: Path, index: dict[str, dict], n_written: int, n_skipped: int, cpu_s: float) -> ShardsResult:

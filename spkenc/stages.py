@@ -33,17 +33,29 @@ def params_hash(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class OutputWriteError(OSError):
+    """An output could not be written (disk full, I/O error): a fault of the machine, not of
+    the source, so it is never recorded as the source's reject reason."""
+
+
 def write_wav_atomic(path: Path, wav: np.ndarray, sample_rate_hz: int) -> Path:
-    """Write float samples as 16-bit PCM WAV, clipping to [-1, 1] (never wrapping around)."""
+    """Write float samples as 16-bit PCM WAV, clipping to [-1, 1] (never wrapping around).
+
+    Raises OutputWriteError naming `path` when the write fails; the previous file is kept.
+    """
     import soundfile as sf
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(temp, np.clip(wav, -1.0, 1.0), sample_rate_hz, subtype="PCM_16", format="WAV")
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):  # soundfile reports some write failures as RuntimeError
+            reason = f"{path}: cannot write ({getattr(error, 'strerror', None) or error})"
+            errno = getattr(error, "errno", None)
+            raise (OutputWriteError(errno, reason) if errno else OutputWriteError(reason)) from error
         raise
     return path
 
@@ -122,6 +134,8 @@ def trim_source(
     except (AudioError, OSError, RuntimeError) as error:
         for name, _ in kept:
             (speaker_dir / f"{name}.wav").unlink(missing_ok=True)
+        if isinstance(error, OutputWriteError):
+            raise  # trim_corpus reports it and retries the source on the next run
         return {"reason": f"decode error: {_reason(error, source)}", "outputs": [], "output_durations_s": [],
                 "peak_rss_mb": peak_rss_mb()}
     reason = None
