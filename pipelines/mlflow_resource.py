@@ -7,7 +7,7 @@ UI links: env `MLFLOW_UI_URL`, default http://127.0.0.1:5000. `work_dir` is env
 
 Usage from an asset::
 
-    with mlflow_resource.start_run(run_name="encoder", tags={"dagster.run_id": context.run_id}) as run:
+    with mlflow_resource.start_run(run_name="encoder", tags={"dagster.run_id": context.run.run_id}) as run:
         run.log_params(train_config.to_dict())
         run.log_metrics({"loss": 1.2}, step=10)
         run.log_artifact(path, "plots")

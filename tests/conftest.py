@@ -1,6 +1,5 @@
 """Shared fixtures: the committed demo corpus, the shared data folder, the reference package."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -39,15 +38,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def pipeline_env(work_dir: Path, dagster_home: Path) -> dict[str, str]:
-    """Environment for a `dagster` subprocess on a temporary instance, work folder and MLflow store."""
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(dagster_home),
-        "SPKENC_WORK_DIR": str(work_dir),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work_dir / 'mlflow.db'}",
-        "SPKENC_CORPORA": str(REPO / "corpora.yaml"),
-        "OMP_NUM_THREADS": "1",
-    }

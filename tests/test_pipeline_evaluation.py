@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import pipeline_env
+from pipeline_env import pipeline_env
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pipeline_env
+from pipeline_env import pipeline_env
 
 from spkenc.config import AudioConfig, ModelConfig, TrainConfig
 

@@ -98,8 +98,8 @@ def encoder_model(
         context.log.warning(f"{len(counts)} train speakers: batch shrunk from {config.speakers_per_batch} x "
                             f"{config.utterances_per_speaker} to {n} x {m} (speakers x utterances)")
     train_config, model_config = config.spkenc_train_config(n, m), config.spkenc_model_config()
-    run_name = config.run_name or context.run_id
-    with mlflow.start_run(run_name, tags={"dagster.run_id": context.run_id, "spkenc.run_name": run_name}) as run:
+    run_name = config.run_name or context.run.run_id
+    with mlflow.start_run(run_name, tags={"dagster.run_id": context.run.run_id, "spkenc.run_name": run_name}) as run:
         run.log_params({**AudioConfig().to_dict(), **train_config.to_dict(), "corpora": ",".join(corpora),
                         "init_from": config.init_from, "resume": config.resume})
         result = train(train_shards, paths.model_dir(run_name), train_config, model_config=model_config,
