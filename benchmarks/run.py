@@ -1,6 +1,6 @@
 """Run the benchmark rows side by side with their peers and print one table.
 
-    python -m benchmarks.run                 # every row except --long ones (about 15 min here)
+    python -m benchmarks.run                 # every row except --long ones (about 7 min here)
     python -m benchmarks.run --quick         # smoke run on the committed demo corpus
     python -m benchmarks.run --only embed --only train
     python -m benchmarks.run --long          # adds the 200-step bf16/fp32 loss-curve row
