@@ -9,7 +9,7 @@ use it), so a long 48 kHz file never sits in memory at both rates.
 import os
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -222,24 +222,44 @@ def _av_blocks(name: str, sf_error: "sf.LibsndfileError") -> Iterator[np.ndarray
             raise AudioError(f"{name}: decoding failed ({error.strerror}): truncated or corrupt") from None
 
 
+def _decode(path: PathLike) -> tuple[AudioInfo, Iterator[np.ndarray]]:
+    """The header facts and the block iterator of `decode_blocks`."""
+    info, sf_error = _read_info(path)
+    if sf_error is not None:
+        return info, _av_blocks(info.path, sf_error)
+    return info, _sf_blocks(info.path, info)
+
+
 def decode_blocks(path: PathLike) -> tuple[int, Iterator[np.ndarray]]:
     """(native sample rate, iterator of (n,) float32 mono blocks of up to 2**20 frames).
 
     The header is checked at once; decoding (libsndfile first, else PyAV) happens as the
     iterator is consumed, and raises AudioError as `load_audio` does.
     """
-    info, sf_error = _read_info(path)
-    if sf_error is not None:
-        return info.sample_rate_hz, _av_blocks(info.path, sf_error)
-    return info.sample_rate_hz, _sf_blocks(info.path, info)
+    info, blocks = _decode(path)
+    return info.sample_rate_hz, blocks
 
 
+def _collect(blocks: Iterable[np.ndarray], n_expected: int) -> np.ndarray:
+    """Copy (n,) float32 blocks, in order, into one array: (total,) float32 that owns its data.
 
+    The array is allocated once at `n_expected` samples (the header's length), grown when more
+    arrive (MP3 and AAC lengths are estimates) and shrunk in place to what arrived, so peak
+    memory is the result plus one block, not a list of blocks and their concatenation.
 
-def _concatenate(blocks: list[np.ndarray]) -> np.ndarray:
-    if len(blocks) == 1:
-        return blocks[0]
-    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    >>> _collect(iter([np.ones(3, np.float32), np.zeros(2, np.float32)]), 4).tolist()
+    [1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    out = np.empty(max(n_expected, 0), dtype=np.float32)
+    filled = 0
+    for block in blocks:
+        if filled + len(block) > len(out):
+            # refcheck=False: `out` never leaves this function, so no view of it can exist.
+            out.resize(max(filled + len(block), len(out) + len(out) // 2), refcheck=False)
+        out[filled:filled + len(block)] = block
+        filled += len(block)
+    out.resize(filled, refcheck=False)
+    return out
 
 
 def load_audio(path: PathLike) -> tuple[np.ndarray, int]:
@@ -255,8 +275,8 @@ def load_audio(path: PathLike) -> tuple[np.ndarray, int]:
     Raises AudioError (path first, then the reason) for empty, missing, non-audio, truncated or
     corrupt files and for NaN/Inf samples.
     """
-    sample_rate_hz, blocks = decode_blocks(path)
-    return _concatenate(list(blocks)), sample_rate_hz
+    info, blocks = _decode(path)
+    return _collect(blocks, info.n_frames), info.sample_rate_hz
 
 
 def _resampled_length(n_samples: int, source_sr: int, target_sr: int) -> int:
@@ -289,16 +309,26 @@ def resample(wav: np.ndarray, source_sr: int, target_sr: int) -> np.ndarray:
 def load_resampled(path: PathLike, sample_rate_hz: int) -> np.ndarray:
     """`load_audio` then `resample` to `sample_rate_hz`, block by block: (n,) float32.
 
-    Same values as resampling the whole signal at once; the full-rate signal is never held
-    whole, so memory stays about twice the output.
+    Same values as resampling the whole signal at once. The full-rate signal is never held
+    whole and the output is allocated once from the header's length, so peak memory is the
+    output plus a few blocks of 2**20 frames.
     """
-    source_sr, blocks = decode_blocks(path)
+    info, blocks = _decode(path)
+    source_sr = info.sample_rate_hz
     if source_sr == sample_rate_hz:
-        return _concatenate(list(blocks))
+        return _collect(blocks, info.n_frames)
     stream = soxr.ResampleStream(source_sr, sample_rate_hz, 1, dtype="float32", quality="HQ")
-    n_in, out = 0, []
-    for block in blocks:
-        n_in += len(block)
-        out.append(stream.resample_chunk(block))
-    out.append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-    return _fit_length(_concatenate(out), _resampled_length(n_in, source_sr, sample_rate_hz))
+    n_in = 0
+
+    def resampled() -> Iterator[np.ndarray]:
+        nonlocal n_in
+        for block in blocks:
+            n_in += len(block)
+            yield stream.resample_chunk(block)
+        yield stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+    out = _collect(resampled(), _resampled_length(info.n_frames, source_sr, sample_rate_hz))
+    n_out, n_made = _resampled_length(n_in, source_sr, sample_rate_hz), len(out)
+    out.resize(n_out, refcheck=False)  # librosa's length: cut soxr's extra samples or pad with zeros
+    out[n_made:] = 0.0
+    return out

@@ -329,3 +329,16 @@ def _to_plain(value: Any, where: str) -> Any:
         f"checkpoint value {where} is a {type(value).__name__}: only tensors, arrays, dicts, lists, tuples, "
         "str, int, float, bool and None can be saved"
     )
+
+
+def export_checkpoint(source: PathLike, destination: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the inference part of checkpoint `source` to `destination`: weights, w and b, step
+    and configs, without the optimizer state, RNG state and loss history (a third of the size).
+    `extra` adds keys (e.g. provenance). The result still loads in RTVC and Resemblyzer."""
+    state = load_checkpoint(source)
+    encoder, _ = load_encoder(state)
+    loss = GE2ELoss()
+    if "similarity_weight" in state["model_state"]:
+        load_loss_state(state, loss)
+    configs = {k: state[k] for k in CONFIG_KEYS if state.get(k) is not None and k != "model_config"}
+    return save_checkpoint(destination, encoder, loss=loss, step=int(state["step"]), configs=configs, extra=extra)

@@ -80,7 +80,9 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 _TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "utterances_per_speaker",
-                 "short_speaker_policy", "learning_rate_init", "lr_schedule", "seed", "bf16")
+                 "short_speaker_policy", "learning_rate_init", "lr_schedule", "lr_warmup_steps", "lr_decay_steps",
+                 "lr_decay_gamma", "seed", "bf16", "crop_n_frames", "aug_volume_db", "aug_speed", "aug_noise_prob",
+                 "aug_noise_snr_db_min", "aug_noise_snr_db_max")
 _MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
 
 
@@ -107,8 +109,19 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"speakers with fewer than M usable utterances: skip, or repeat utterances (default {t.short_speaker_policy})")
     p.add_argument("--learning-rate-init", type=float, help=f"Adam learning rate (default {t.learning_rate_init})")
     p.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), help=f"(default {t.lr_schedule})")
+    p.add_argument("--lr-warmup-steps", type=int, metavar="K", help=f"linear warmup (default {t.lr_warmup_steps})")
+    p.add_argument("--lr-decay-steps", type=int, metavar="K",
+                   help=f"cosine: steps after warmup to reach 0; step: steps per decay (default {t.lr_decay_steps})")
+    p.add_argument("--lr-decay-gamma", type=float, help=f"step schedule factor (default {t.lr_decay_gamma})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast for the encoder (default off)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help=f"bfloat16 autocast for the encoder (default {t.bf16})")
+    p.add_argument("--crop-n-frames", type=int, metavar="T", help="training crop in mel frames (default: 160, the inference partial)")
+    p.add_argument("--aug-volume-db", type=float, metavar="DB", help=f"gain augmentation, +-DB (default {t.aug_volume_db})")
+    p.add_argument("--aug-speed", type=float, metavar="X", help=f"speed augmentation, factor in [1-X, 1+X] (default {t.aug_speed})")
+    p.add_argument("--aug-noise-prob", type=float, metavar="P",
+                   help=f"share of crops mixed with another training speaker's recording (default {t.aug_noise_prob})")
+    p.add_argument("--aug-noise-snr-db-min", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_min})")
+    p.add_argument("--aug-noise-snr-db-max", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_max})")
     p.add_argument("--hidden-size", type=int, help=f"LSTM width of a fresh model (default {mc.hidden_size})")
     p.add_argument("--n-layers", type=int, help=f"LSTM layers of a fresh model (default {mc.n_layers})")
     p.add_argument("--embedding-size", type=int, help=f"embedding size of a fresh model (default {mc.embedding_size})")
@@ -164,8 +177,9 @@ def _train(args: argparse.Namespace) -> int:
 def _embedder_arguments(p: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
-                   help="RTVC-format encoder checkpoint (RTVC's encoder.pt, Resemblyzer's pretrained.pt, spkenc's)")
+    p.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                   help="RTVC-format encoder checkpoint (RTVC's encoder.pt, Resemblyzer's pretrained.pt, spkenc's); "
+                        "default: the model shipped with spkenc (spkenc/models/MODEL_CARD.md)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="partials per forward pass (default %(default)s)")
     p.add_argument("--rate", type=float, default=None, metavar="R",
@@ -187,6 +201,8 @@ def _load_embedder(args: argparse.Namespace):
     from spkenc.inference import Embedder
 
     try:
+        if args.checkpoint is None:
+            return Embedder.from_pretrained(device=args.device, batch_size=args.batch_size)
         return Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
     except (ValueError, OSError) as error:  # CheckpointError names the file; bad --device/--batch-size
         log.error("%s", error)
@@ -284,9 +300,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spkenc.config import EvalConfig
     from spkenc.verification import evaluate_corpus, write_report_json, write_report_plots
 
+    from spkenc.inference import pretrained_checkpoint
+
     try:
         config = EvalConfig(max_trials=args.trials, trial_seed=args.trial_seed, rate=args.rate, min_coverage=args.min_coverage)
-        report, embedded = evaluate_corpus(args.corpus_root, args.checkpoint, layout=args.layout, config=config,
+        checkpoint = args.checkpoint or pretrained_checkpoint()
+        report, embedded = evaluate_corpus(args.corpus_root, checkpoint, layout=args.layout, config=config,
                                            device=args.device, batch_size=args.batch_size)
     except (ValueError, OSError, RuntimeError) as error:  # CheckpointError and AudioError are ValueErrors
         log.error("%s", error)

@@ -117,6 +117,12 @@ class TrainConfig(_Config):
     umap_every: int = 100  # RTVC's umap_every: UMAP of the held-out probe set
     n_probe_speakers: int = 10
     n_probe_utterances: int = 10
+    crop_n_frames: int = 0  # training crop length in frames; 0 = AudioConfig.partial_n_frames (160)
+    aug_volume_db: float = 0.0  # spkenc.augment: gain uniform in +-this many dB
+    aug_speed: float = 0.0  # speed factor uniform in [1 - x, 1 + x]
+    aug_noise_prob: float = 0.0  # share of crops mixed with another training speaker's recording
+    aug_noise_snr_db_min: float = 10.0
+    aug_noise_snr_db_max: float = 30.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "step"):
@@ -133,6 +139,16 @@ class TrainConfig(_Config):
         for name in ("save_every", "backup_every", "log_every", "umap_every", "lr_decay_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.crop_n_frames < 0 or self.aug_volume_db < 0 or not 0 <= self.aug_speed < 0.5:
+            raise ValueError(
+                f"crop_n_frames and aug_volume_db must be non-negative and aug_speed in [0, 0.5), got "
+                f"{self.crop_n_frames}, {self.aug_volume_db}, {self.aug_speed}"
+            )
+        if not 0 <= self.aug_noise_prob <= 1 or self.aug_noise_snr_db_min > self.aug_noise_snr_db_max:
+            raise ValueError(
+                f"aug_noise_prob must be in [0, 1] and aug_noise_snr_db_min <= aug_noise_snr_db_max, got "
+                f"{self.aug_noise_prob}, {self.aug_noise_snr_db_min}, {self.aug_noise_snr_db_max}"
+            )
         if self.steps < 0 or self.seed < 0:
             raise ValueError(f"steps and seed must be non-negative, got steps={self.steps}, seed={self.seed}")
 

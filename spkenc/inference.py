@@ -152,6 +152,17 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
+def pretrained_checkpoint() -> Path:
+    """Path of the checkpoint shipped in the package: `spkenc/models/encoder.pt`.
+
+    Raises FileNotFoundError when the installation lacks it.
+    """
+    path = Path(__file__).resolve().parent / "models" / "encoder.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the packaged model is missing; reinstall spkenc")
+    return path
+
+
 class Embedder:
     """Owns a speaker encoder and its device; embeds utterances and speakers.
 
@@ -174,6 +185,16 @@ class Embedder:
         self.batch_size = batch_size
         self.n_threads = n_threads
         self.config = config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        device: Union[str, torch.device, None] = None,
+        batch_size: int = 64,
+        n_threads: Optional[int] = None,
+    ) -> "Embedder":
+        """The model shipped in the package (`spkenc/models/MODEL_CARD.md` says how it was trained)."""
+        return cls.from_checkpoint(pretrained_checkpoint(), device=device, batch_size=batch_size, n_threads=n_threads)
 
     @classmethod
     def from_checkpoint(

@@ -120,9 +120,9 @@ class ShardStore:
     def __len__(self) -> int:
         return len(self.speakers)
 
-    def usable_counts(self) -> np.ndarray:
-        """(n_speakers,) number of utterances with at least `partial_n_frames` frames."""
-        partial = self.audio_config.partial_n_frames
+    def usable_counts(self, crop_frames: Optional[int] = None) -> np.ndarray:
+        """(n_speakers,) number of utterances with at least `crop_frames` frames (default `partial_n_frames`)."""
+        partial = crop_frames or self.audio_config.partial_n_frames
         return np.array([int((s.n_frames >= partial).sum()) for s in self.speakers], dtype=np.int64)
 
     def utterances(self, speaker_index: int, rows: Sequence[int]) -> list[np.ndarray]:
@@ -191,16 +191,21 @@ def fit_batch_geometry(
 
 
 def require_eligible(
-    store: "ShardStore", speakers_per_batch: int, utterances_per_speaker: int, short_speaker_policy: str, world_size: int
+    store: "ShardStore",
+    speakers_per_batch: int,
+    utterances_per_speaker: int,
+    short_speaker_policy: str,
+    world_size: int,
+    crop_frames: Optional[int] = None,
 ) -> np.ndarray:
     """Indices of the eligible speakers; ValueError with the numbers when a batch cannot be filled."""
-    eligible = eligible_speakers(store.usable_counts(), utterances_per_speaker, short_speaker_policy)
+    eligible = eligible_speakers(store.usable_counts(crop_frames), utterances_per_speaker, short_speaker_policy)
     needed = speakers_per_batch * world_size
     if len(eligible) < needed:
         minimum = utterances_per_speaker if short_speaker_policy == "exclude" else 1
         raise ValueError(
             f"{len(eligible)} of {len(store)} speakers have >= {minimum} utterances of >= "
-            f"{store.audio_config.partial_n_frames} frames, but a batch needs {speakers_per_batch} speakers x "
+            f"{crop_frames or store.audio_config.partial_n_frames} frames, but a batch needs {speakers_per_batch} speakers x "
             f"{world_size} rank(s) = {needed} (short_speaker_policy={short_speaker_policy!r})"
         )
     return eligible
@@ -215,10 +220,12 @@ def sample_batch(
     speakers_per_batch: int = 64,
     utterances_per_speaker: int = 10,
     short_speaker_policy: str = "exclude",
+    crop_frames: Optional[int] = None,
 ) -> Batch:
     """Draw rank `rank`'s batch for optimizer step `step` (a pure function of seed, step, rank).
 
-    Returns a `Batch` whose `mels` is (N, M, partial_n_frames, n_mels) float32. See the module
+    Returns a `Batch` whose `mels` is (N, M, crop_frames, n_mels) float32, crop_frames defaulting
+    to the audio config's partial_n_frames. See the module
     docstring for the draw and the short-speaker policy. Raises ValueError when fewer than
     N * world_size speakers are eligible, naming both numbers.
     """
@@ -227,8 +234,8 @@ def sample_batch(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     n, m = speakers_per_batch, utterances_per_speaker
-    partial = store.audio_config.partial_n_frames
-    eligible = require_eligible(store, n, m, short_speaker_policy, world_size)
+    partial = crop_frames or store.audio_config.partial_n_frames
+    eligible = require_eligible(store, n, m, short_speaker_policy, world_size, partial)
     order = np.random.default_rng([seed, step]).permutation(eligible)
     chosen = order[rank * n : (rank + 1) * n]
     rng = np.random.default_rng([seed, step, rank, 1])

@@ -185,6 +185,7 @@ def train(
       indices it drew per step) to verify that DDP keeps the ranks identical.
     """
     from spkenc import checkpoint as ckpt
+    from spkenc.augment import augment_batch, augments, crop_frames
     from spkenc.ge2e import GE2ELoss, batch_eer
     from spkenc.model import SpeakerEncoder
     from spkenc.sampling import ShardStore, probe_partials, require_eligible, sample_batch
@@ -195,7 +196,8 @@ def train(
         set_threads(n_threads, world_size)
         store = ShardStore(shard_paths, audio_config, memory_budget_bytes)
         n, m = config.speakers_per_batch, config.utterances_per_speaker
-        require_eligible(store, n, m, config.short_speaker_policy, world_size)
+        crop = crop_frames(config, audio_config)
+        require_eligible(store, n, m, config.short_speaker_policy, world_size, crop)
 
         checkpoint_path = run_dir / "encoder.pt"
         state = None
@@ -269,10 +271,13 @@ def train(
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = sample_batch(store, config.seed, step, rank, world_size, n, m, config.short_speaker_policy)
+            batch = sample_batch(store, config.seed, step, rank, world_size, n, m, config.short_speaker_policy, crop)
             if rank_state_dir is not None:
                 drawn.append(batch.speaker_indices)
-            loss, sim = objective(torch.from_numpy(batch.mels).to(dev))
+            mels = batch.mels
+            if augments(config):
+                mels = augment_batch(mels, batch.speaker_indices, store, config, config.seed, step, rank)
+            loss, sim = objective(torch.from_numpy(mels).to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_fn.similarity_weight.grad *= config.wb_grad_scale

@@ -116,7 +116,6 @@ def test_refused_or_missing_checkpoint_fails_with_a_message(mixed_dir, tmp_path,
 @pytest.mark.parametrize(
     "argv",
     [
-        ["embed", "x.wav", "--output", "o.parquet"],  # no --checkpoint
         ["embed", "--checkpoint", PRETRAINED, "--output", "o.parquet"],  # no input
         ["verify", "a.wav", "--checkpoint", PRETRAINED],  # one file
         ["embed", "x.wav", "--checkpoint", PRETRAINED, "--output", "o.parquet", "--rate", "fast"],

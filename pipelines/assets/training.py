@@ -27,7 +27,17 @@ class EncoderModelConfig(dg.Config):
     utterances_per_speaker: int = Field(default=_T.utterances_per_speaker, description="M; shrunk likewise")
     short_speaker_policy: str = Field(default=_T.short_speaker_policy, description="exclude or repeat")
     learning_rate_init: float = _T.learning_rate_init
-    lr_schedule: str = _T.lr_schedule
+    lr_schedule: str = Field(default=_T.lr_schedule, description="constant, cosine or step")
+    lr_warmup_steps: int = _T.lr_warmup_steps
+    lr_decay_steps: int = Field(default=_T.lr_decay_steps, description="cosine: steps to reach 0; step: steps per decay")
+    lr_decay_gamma: float = _T.lr_decay_gamma
+    bf16: bool = Field(default=_T.bf16, description="bfloat16 autocast for the encoder")
+    crop_n_frames: int = Field(default=_T.crop_n_frames, description="training crop in frames; 0 = 160")
+    aug_volume_db: float = Field(default=_T.aug_volume_db, description="gain augmentation, +- dB")
+    aug_speed: float = Field(default=_T.aug_speed, description="speed augmentation, factor in [1 - x, 1 + x]")
+    aug_noise_prob: float = Field(default=_T.aug_noise_prob, description="share of crops mixed with another speaker's recording")
+    aug_noise_snr_db_min: float = _T.aug_noise_snr_db_min
+    aug_noise_snr_db_max: float = _T.aug_noise_snr_db_max
     seed: int = _T.seed
     save_every: int = _T.save_every
     backup_every: int = _T.backup_every
@@ -41,6 +51,7 @@ class EncoderModelConfig(dg.Config):
     resume: bool = Field(default=False, description="continue models/<run_name>/encoder.pt exactly")
     run_name: str = Field(default="", description="models/<run_name>; '' = the Dagster run id")
     device: str = Field(default="", description="cpu, cuda, cuda:N; '' = CUDA when present")
+    threads: int = Field(default=0, description="torch CPU threads; 0 = all cores")
 
     def spkenc_train_config(self, speakers_per_batch: int, utterances_per_speaker: int) -> TrainConfig:
         fields = {k: v for k, v in self.model_dump().items() if k in _T.to_dict()}
@@ -84,6 +95,7 @@ def encoder_model(
     context: dg.AssetExecutionContext, config: EncoderModelConfig, paths: SpkencPaths, mlflow: MlflowResource
 ) -> dg.Output:
     """GE2E speaker encoder trained on the train-split mel shards of the chosen corpora."""
+    from spkenc.augment import crop_frames
     from spkenc.corpus import load_registry
     from spkenc.sampling import ShardStore, fit_batch_geometry
     from spkenc.training import train
@@ -92,7 +104,8 @@ def encoder_model(
     train_shards, probe_shards = _split_shards(paths, corpora, "train"), _split_shards(paths, corpora, "heldout")
     if not train_shards:
         raise ValueError(f"no train-split mel shards for {corpora} under {paths.root / 'mels'}: materialize mel_shards")
-    counts = ShardStore(train_shards, memory_budget_bytes=0).usable_counts()
+    crop = crop_frames(TrainConfig.from_dict({k: v for k, v in config.model_dump().items() if k in _T.to_dict()}))
+    counts = ShardStore(train_shards, memory_budget_bytes=0).usable_counts(crop)
     n, m = fit_batch_geometry(counts, config.speakers_per_batch, config.utterances_per_speaker, config.short_speaker_policy)
     if (n, m) != (config.speakers_per_batch, config.utterances_per_speaker):
         context.log.warning(f"{len(counts)} train speakers: batch shrunk from {config.speakers_per_batch} x "
@@ -104,7 +117,7 @@ def encoder_model(
                         "init_from": config.init_from, "resume": config.resume})
         result = train(train_shards, paths.model_dir(run_name), train_config, model_config=model_config,
                        init_from=Path(config.init_from) if config.init_from else None, resume=config.resume,
-                       device=config.device or None, callback=_reporter(context, run, train_config.log_every),
+                       device=config.device or None, n_threads=config.threads or None, callback=_reporter(context, run, train_config.log_every),
                        probe_paths=probe_shards)
         run.log_params(result.model_config.to_dict())  # known once a checkpoint may have decided it
         run.log_artifact(result.checkpoint_path, "checkpoint")
