@@ -21,9 +21,10 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ def train(
     from spkenc.sampling import ShardStore, probe_partials, require_eligible, sample_batch
 
     run_dir = Path(run_dir)
-    with distributed_context(device) as (rank, world_size, local_rank):
+    with distributed_context(device) as (rank, world_size, local_rank), _flush_denormals():
         dev = select_device(device, local_rank)
         set_threads(n_threads, world_size)
         store = ShardStore(shard_paths, audio_config, memory_budget_bytes)
@@ -321,6 +322,21 @@ def train(
         final_loss = history_losses[-1] if history_losses else None
         return TrainResult(run_dir, checkpoint_path, max(start_step, config.steps), final_loss, history_steps,
                            history_losses, loss_curve_path, umap_path, n, m, encoder.config)
+
+
+@contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero on the CPU while training.
+
+    Fine-tuning a model whose loss is already near zero makes gradients and Adam's second
+    moments subnormal, and x86 arithmetic on subnormals is slow: a measured fine-tuning run
+    went from 2.4 s to over 30 s per step without this.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # PyTorch's default; it has no getter to restore from
 
 
 def _check_model_config(encoder: nn.Module, wanted: Optional[ModelConfig], n_mels: int, source: Any) -> None:
