@@ -69,10 +69,19 @@ def project_2d(embeddings: np.ndarray, random_state: int = 0) -> tuple[np.ndarra
     if not np.isfinite(x).all():
         raise ValueError("embeddings hold non-finite values")
     if len(x) >= MIN_UMAP_POINTS:
-        import umap
+        import torch
 
-        reducer = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=random_state, n_jobs=1)
-        return np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
+        # umap-learn resets the OpenMP pool that torch shares to all cores; a training loop
+        # pinned to 1 thread then oversubscribes the CPU (a measured run slowed 7x after its
+        # first UMAP), so torch's thread count is put back.
+        torch_threads = torch.get_num_threads()
+        try:
+            import umap
+
+            reducer = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=random_state, n_jobs=1)
+            return np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
+        finally:
+            torch.set_num_threads(torch_threads)
     log.info("%d point(s): PCA instead of UMAP, which needs at least %d", len(x), MIN_UMAP_POINTS)
     centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)

@@ -106,3 +106,17 @@ def test_duration_histogram(tmp_path):
         plots.plot_duration_histogram([1.0, -2.0], out)
     with pytest.raises(ValueError, match="no durations"):
         plots.plot_duration_histogram([], out)
+
+
+def test_a_umap_leaves_torchs_thread_count_alone(tmp_path):
+    """umap-learn resets the shared OpenMP pool; a 1-thread training loop must stay at 1 thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        plots.plot_umap(rng.random((40, 8)), [str(i % 4) for i in range(40)], tmp_path / "u.png")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
