@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 _DECODE_BLOCK_FRAMES = 1 << 20  # about a minute at 16 kHz per decoded block
+_MAX_PREALLOCATED = 1 << 28  # samples (1 GB of float32): a header's length beyond this is not trusted
 _OGG_MAX_PAGE_BYTES = 27 + 255 + 255 * 255  # page header, lacing table, largest payload (RFC 3533)
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -250,7 +251,7 @@ def _collect(blocks: Iterable[np.ndarray], n_expected: int) -> np.ndarray:
     >>> _collect(iter([np.ones(3, np.float32), np.zeros(2, np.float32)]), 4).tolist()
     [1.0, 1.0, 1.0, 0.0, 0.0]
     """
-    out = np.empty(max(n_expected, 0), dtype=np.float32)
+    out = np.empty(min(max(n_expected, 0), _MAX_PREALLOCATED), dtype=np.float32)
     filled = 0
     for block in blocks:
         if filled + len(block) > len(out):

@@ -184,6 +184,9 @@ def _embedder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="partials per forward pass (default %(default)s)")
     p.add_argument("--rate", type=float, default=None, metavar="R",
                    help="partials per second, Resemblyzer's rule (default: RTVC's 50%% overlap)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: CPU fast mode, LSTM in bfloat16 with a float32 cell state, about 2x faster "
+                        "with AVX-512 BF16 or AMX, cosine to fp32 >= 0.999 (default %(default)s)")
 
 
 def _embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -197,14 +200,15 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_embedder(args: argparse.Namespace):
-    """The Embedder for --checkpoint/--device/--batch-size, or None after logging why not."""
+    """The Embedder for --checkpoint/--device/--batch-size/--precision, or None after logging why not."""
     from spkenc.inference import Embedder
 
     try:
         if args.checkpoint is None:
-            return Embedder.from_pretrained(device=args.device, batch_size=args.batch_size)
-        return Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    except (ValueError, OSError) as error:  # CheckpointError names the file; bad --device/--batch-size
+            return Embedder.from_pretrained(device=args.device, batch_size=args.batch_size, precision=args.precision)
+        return Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+                                        precision=args.precision)
+    except (ValueError, OSError) as error:  # CheckpointError names the file; bad --device/--batch-size/--precision
         log.error("%s", error)
         return None
 
@@ -306,7 +310,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         config = EvalConfig(max_trials=args.trials, trial_seed=args.trial_seed, rate=args.rate, min_coverage=args.min_coverage)
         checkpoint = args.checkpoint or pretrained_checkpoint()
         report, embedded = evaluate_corpus(args.corpus_root, checkpoint, layout=args.layout, config=config,
-                                           device=args.device, batch_size=args.batch_size)
+                                           device=args.device, batch_size=args.batch_size, precision=args.precision)
     except (ValueError, OSError, RuntimeError) as error:  # CheckpointError and AudioError are ValueErrors
         log.error("%s", error)
         return 1

@@ -162,9 +162,11 @@ def evaluate_corpus(
     config: EvalConfig = EvalConfig(),
     device: Optional[str] = None,
     batch_size: int = 64,
+    precision: str = "fp32",
 ) -> tuple[VerificationReport, EmbeddedUtterances]:
     """Scan `root` in `layout`, embed every file with the `checkpoint`'s encoder
-    (config.rate, config.min_coverage) and evaluate all of them (config.max_trials trials).
+    (config.rate, config.min_coverage; `precision` as in `spkenc.Embedder`) and evaluate all
+    of them (config.max_trials trials).
 
     Scan rejects and files without speech are returned in the embeddings' `failures`.
     Raises FileNotFoundError / ValueError for a bad root or layout, `CheckpointError` for a
@@ -176,7 +178,7 @@ def evaluate_corpus(
     scan = scan_corpus(root, layout)
     if not scan.rows:
         raise ValueError(f"{root}: no readable audio files in layout {scan.layout} ({len(scan.rejects)} rejected)")
-    embedder = Embedder.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    embedder = Embedder.from_checkpoint(checkpoint, device=device, batch_size=batch_size, precision=precision)
     embedded = embed_manifest(embedder, scan.rows, rate=config.rate, min_coverage=config.min_coverage)
     failures = [{"path": r["path"], "reason": r["reason"]} for r in scan.rejects] + embedded.failures
     embedded = EmbeddedUtterances(embedded.utterance_ids, embedded.speaker_ids, embedded.corpora, embedded.paths,

@@ -4,6 +4,7 @@ edge cases, every file format written here from a demo utterance, and every kind
 import fractions
 import re
 import struct
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -27,7 +28,7 @@ from spkenc.audio import (
     wav_to_mel,
     wav_to_mel_batch,
 )
-from spkenc.audio_io import decode_blocks, load_resampled, resample
+from spkenc.audio_io import _collect, decode_blocks, load_resampled, resample
 from spkenc.config import AudioConfig
 
 SR = 16000
@@ -129,6 +130,63 @@ def test_trim_long_silences_matches_resemblyzer_and_removes_silence(speech) -> N
     np.testing.assert_array_equal(ours, resemblyzer.audio.trim_long_silences(wav))
     # The 1 s gap (33 windows) is cut to at most 2 x 6 dilated windows plus smoothing slack.
     assert len(wav) - len(ours) >= SR // 2
+
+
+# ---- 1b. memory: a long file costs one copy of its decoded audio ----
+
+
+@pytest.fixture(scope="module")
+def speech_with_pauses(demo_files: list[Path]) -> np.ndarray:
+    """About 2 minutes of real speech: 32 demo utterances, each followed by 0.5 s of silence."""
+    gap = np.zeros(SR // 2, dtype=np.float32)
+    return np.concatenate([part for path in demo_files[::6] for part in (sf.read(path, dtype="float32")[0], gap)])
+
+
+def traced_peak_bytes(fn) -> tuple[int, np.ndarray]:
+    """(peak bytes that numpy and Python allocated during fn(), fn's result)."""
+    tracemalloc.start()
+    try:
+        out = fn()
+        return tracemalloc.get_traced_memory()[1], out
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("sample_rate_hz", [16000, 48000])
+def test_preprocess_memory_grows_by_one_copy_of_the_audio(speech_with_pauses, tmp_path, sample_rate_hz) -> None:
+    peaks, sizes = [], []
+    for minutes in (2, 6):
+        wav = np.resize(speech_with_pauses, minutes * 60 * SR)
+        path = tmp_path / f"{minutes}min.wav"
+        sf.write(path, wav if sample_rate_hz == SR else soxr.resample(wav, SR, sample_rate_hz), sample_rate_hz,
+                 subtype="PCM_16")
+        peak, out = traced_peak_bytes(lambda: preprocess_wav(path))
+        assert 0.5 * len(wav) < len(out) < len(wav)  # speech kept, pauses cut
+        peaks.append(peak)
+        sizes.append(4 * len(wav))  # the decoded audio at 16 kHz, float32
+    growth = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    # Decoding into a list and concatenating, then a scaled copy, its int16 cast and a bytes copy
+    # for the VAD, then the trimmed copy, gave 3x here; one array scaled and trimmed in place gives 1x.
+    assert growth <= 1.1, f"peak grew {growth:.2f}x the extra decoded audio"
+
+
+def test_preprocess_never_writes_to_the_callers_array(speech_with_pauses, tmp_path) -> None:
+    path = tmp_path / "speech.wav"
+    sf.write(path, speech_with_pauses, SR, subtype="FLOAT")
+    from_file = preprocess_wav(path)  # decoded into an array of its own, scaled and trimmed in place
+    for wav in (speech_with_pauses.copy(), speech_with_pauses.astype(np.float64)):
+        before = wav.copy()
+        np.testing.assert_array_equal(preprocess_wav(wav), from_file)
+        np.testing.assert_array_equal(wav, before)
+    assert len(from_file) < len(speech_with_pauses) - 16 * SR // 2  # most of the 16 s of pauses went
+
+
+@pytest.mark.parametrize("n_expected", [0, 7, 10, 1000])
+def test_collect_sizes_the_result_to_what_was_decoded(n_expected) -> None:
+    blocks = [np.arange(4, dtype=np.float32), np.arange(6, dtype=np.float32)]
+    out = _collect(iter(blocks), n_expected)
+    np.testing.assert_array_equal(out, np.concatenate(blocks))
+    assert out.flags.owndata and out.dtype == np.float32
 
 
 # ---- 2. mel frames ----
