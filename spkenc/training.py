@@ -328,9 +328,10 @@ def train(
 def _flush_denormals() -> Iterator[None]:
     """Flush subnormal floats to zero on the CPU while training.
 
-    Fine-tuning a model whose loss is already near zero makes gradients and Adam's second
-    moments subnormal, and x86 arithmetic on subnormals is slow: a measured fine-tuning run
-    went from 2.4 s to over 30 s per step without this.
+    Fine-tuning a model whose loss is already near zero (Resemblyzer's weights give batch
+    losses around 1e-3) drives gradients and Adam's second moments towards the subnormal range,
+    where x86 arithmetic is many times slower. This is a precaution: the slowdown first blamed
+    on subnormals turned out to be the UMAP thread reset (see `spkenc.plots.project_2d`).
     """
     torch.set_flush_denormal(True)
     try:
