@@ -6,11 +6,13 @@ batch: 64 speakers x 10 utterances x 160 frames drawn from speechocean762_train'
 """
 
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RowResult, Settings, median_time
+from benchmarks.common import RowResult, Settings, Timing, median_time
 from benchmarks.rows_audio import sources_for
 
 log = logging.getLogger(__name__)
@@ -135,20 +137,56 @@ def loader_rows(settings: Settings) -> list[RowResult]:
         (npy / ".complete").touch()
     peer = NpyUtteranceLoader(npy, n, m)
     n_batches = 3 if settings.quick else 10
-    rows = []
+    rows, stores = [], []
     for budget, label in ((2 * 2**30, "shards in memory"), (0, "shards read on demand")):
-        store = ShardStore(shards, memory_budget_bytes=budget)
+        cache_dir = settings.cache / "mel_cache" / shards[0].parent.name
+        store = ShardStore(shards, memory_budget_bytes=budget, cache_dir=cache_dir)
+        notes = []
+        if not store.in_memory:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            started = time.perf_counter()
+            for i in range(len(store)):  # what the first use of each shard costs, once per shard version
+                store.read_crops(i, [0], [0], 1)
+            built_s = time.perf_counter() - started
+            size_mb = sum(p.stat().st_size for p in cache_dir.glob("*.npy")) / 1e6
+            notes.append(f"flat cache (spkenc.mel_cache) built on first use: {built_s:.1f} s for {len(store)} shards, {size_mb:.0f} MB, kept on disk for later runs")
         step = iter(range(10**9))
-        t_ours = median_time(lambda: [sample_batch(store, 0, next(step), 0, 1, n, m) for _ in range(n_batches)], settings.n_runs, settings.n_warmup)
-        t_peer = median_time(lambda: [peer.batch() for _ in range(n_batches)], settings.n_runs, settings.n_warmup)
+        t_ours, t_peer = alternating_times(
+            [lambda: [sample_batch(store, 0, next(step), 0, 1, n, m) for _ in range(n_batches)], lambda: [peer.batch() for _ in range(n_batches)]],
+            3 * settings.n_runs, settings.n_warmup,
+        )
         row = RowResult(
             f"training loader, {n}x{m}x160 batches, {label}", "loader",
             n_batches / t_ours.median_s, n_batches / t_peer.median_s, "batch/s", "higher",
             target_ratio=5.0, target_text=">= 5x",
         )
-        row.notes.append(f"{len(shards)} speakers; the .npy files sit in the page cache after the warm-up, as do the shards")
+        row.notes.append(
+            f"{len(shards)} speakers; the .npy files sit in the page cache after the warm-up, as do the shards; "
+            f"median of {t_ours.n_runs} runs of {n_batches} batches per side, the sides alternating"
+        )
+        row.notes.extend(notes)
+        stores.append(store)
+        if len(stores) == 2:
+            same = all(
+                np.array_equal(sample_batch(stores[0], 7, k, 0, 1, n, m).mels, sample_batch(stores[1], 7, k, 0, 1, n, m).mels)
+                for k in range(3)
+            )
+            row.checks["same batches"] = (same, "sample_batch(seed 7, steps 0-2) bit-identical to the in-memory store" if same else "batches differ from the in-memory store")
         rows.append(row)
     return rows
+
+
+def alternating_times(fns: list, n_runs: int, n_warmup: int = 1) -> list[Timing]:
+    """Time each of `fns` `n_runs` times, taking turns (after `n_warmup` untimed turns), so that
+    a change of machine load hits every side alike; one Timing per function."""
+    runs: list[list[float]] = [[] for _ in fns]
+    for turn in range(n_warmup + n_runs):
+        for fn, times in zip(fns, runs):
+            started = time.perf_counter()
+            fn()
+            if turn >= n_warmup:
+                times.append(time.perf_counter() - started)
+    return [Timing(tuple(times)) for times in runs]
 
 
 def loss_curve_rows(settings: Settings) -> list[RowResult]:
@@ -156,8 +194,6 @@ def loss_curve_rows(settings: Settings) -> list[RowResult]:
     initial weights on the same batches (sample_batch with seed 0, step k), interleaved step by
     step. The CSV is appended as it goes, so a stopped run leaves the steps it finished. The
     curves match when their 20-step moving averages stay within 2% of each other."""
-    import time
-
     from spkenc.sampling import ShardStore, sample_batch
 
     n, m = batch_geometry(settings)

@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from spkenc.config import AudioConfig
+from spkenc.shard_store import ShardStore, SpeakerShard  # noqa: F401 (their historical home)
 
 log = logging.getLogger(__name__)
 
@@ -47,93 +48,6 @@ class Batch:
     speaker_indices: np.ndarray
     utterance_indices: np.ndarray
     offsets_frames: np.ndarray
-
-
-@dataclass(frozen=True)
-class SpeakerShard:
-    """One speaker's shard: where it is and how long each utterance is (in frames)."""
-
-    path: Path
-    speaker_id: str
-    corpus: str
-    n_frames: np.ndarray  # (n_utterances,) int
-
-
-class ShardStore:
-    """The mel shards of a training run, keyed by speaker.
-
-    All mels are read into memory when they fit `memory_budget_bytes` (float32 size);
-    otherwise utterances are read on demand, row group by row group, via
-    `spkenc.shards.read_utterances`. Either way `utterances(i, rows)` returns (T, n_mels)
-    float32 arrays.
-
-    Raises ValueError when no paths are given or when two shards hold the same
-    (corpus, speaker); `spkenc.shards.ShardError` when a shard's audio parameters differ
-    from `audio_config`.
-    """
-
-    def __init__(
-        self,
-        paths: Iterable[Path],
-        audio_config: AudioConfig = AudioConfig(),
-        memory_budget_bytes: int = 2 * 2**30,
-    ) -> None:
-        from spkenc.shards import read_shard, read_shard_meta
-
-        self.audio_config = audio_config
-        paths = [Path(p) for p in paths]
-        if not paths:
-            raise ValueError("ShardStore: no shard files given")
-        speakers: list[SpeakerShard] = []
-        owner: dict[tuple[str, str], Path] = {}
-        for path in paths:
-            meta = read_shard_meta(path)
-            if meta.audio_config != audio_config:
-                from spkenc.shards import ShardError
-
-                raise ShardError(
-                    f"{path}: audio parameters {meta.audio_config.to_dict()} differ from the "
-                    f"model's {audio_config.to_dict()}"
-                )
-            key = (meta.corpus, meta.speaker_id)
-            if key in owner:
-                raise ValueError(
-                    f"{path}: speaker {meta.speaker_id!r} of corpus {meta.corpus!r} is already in "
-                    f"{owner[key]}; a speaker must have exactly one shard"
-                )
-            owner[key] = path
-            speakers.append(SpeakerShard(path, meta.speaker_id, meta.corpus, np.asarray(meta.n_frames)))
-        self.speakers: list[SpeakerShard] = speakers
-        n_bytes = sum(int(s.n_frames.sum()) for s in speakers) * audio_config.n_mels * 4
-        self.n_bytes = n_bytes
-        self.in_memory = n_bytes <= memory_budget_bytes
-        self._mels: Optional[list[list[np.ndarray]]] = None
-        if self.in_memory:
-            self._mels = [read_shard(s.path, expected_audio=audio_config).mels for s in speakers]
-        log.info(
-            "%d speaker shards, %.1f MB of mels, %s",
-            len(speakers),
-            n_bytes / 1e6,
-            "kept in memory" if self.in_memory else "read on demand",
-        )
-
-    def __len__(self) -> int:
-        return len(self.speakers)
-
-    def usable_counts(self, crop_frames: Optional[int] = None) -> np.ndarray:
-        """(n_speakers,) number of utterances with at least `crop_frames` frames (default `partial_n_frames`)."""
-        partial = crop_frames or self.audio_config.partial_n_frames
-        return np.array([int((s.n_frames >= partial).sum()) for s in self.speakers], dtype=np.int64)
-
-    def utterances(self, speaker_index: int, rows: Sequence[int]) -> list[np.ndarray]:
-        """The (T, n_mels) float32 mels of rows `rows` of speaker `speaker_index`'s shard."""
-        if self._mels is not None:
-            return [self._mels[speaker_index][r] for r in rows]
-        from spkenc.shards import read_utterances
-
-        unique = sorted(set(int(r) for r in rows))
-        read = dict(zip(unique, read_utterances(self.speakers[speaker_index].path, unique, self.audio_config)))
-        return [read[int(r)] for r in rows]
 
 
 def eligible_speakers(usable_counts: np.ndarray, utterances_per_speaker: int, policy: str = "exclude") -> np.ndarray:
@@ -247,8 +161,7 @@ def sample_batch(
         usable = np.flatnonzero(n_frames >= partial)
         rows = rng.choice(usable, size=m, replace=len(usable) < m)
         starts = rng.integers(0, n_frames[rows] - partial + 1)
-        for j, (utt, start) in enumerate(zip(store.utterances(int(speaker), rows), starts)):
-            mels[i, j] = utt[start : start + partial]
+        store.read_crops(int(speaker), rows, starts, partial, out=mels[i])
         rows_out[i], offsets[i] = rows, starts
     return Batch(mels, chosen.astype(np.int64), rows_out, offsets)
 
