@@ -99,6 +99,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, split between local ranks)")
     p.add_argument("--probe", nargs="+", default=[], type=Path, metavar="SHARD_DIR", help="held-out shards for the UMAP plots")
+    p.add_argument("--split-manifest", nargs="+", default=[], type=Path, metavar="MANIFEST",
+                   help="corpus manifests (work/corpora/<corpus>/manifest.parquet): drop the shards of their held-out speakers")
     # Training and model settings default to None so that --resume can tell what was given.
     p.add_argument("--steps", type=int, help=f"total optimizer steps (default {t.steps})")
     p.add_argument("--save-every", type=int, metavar="K", help=f"write RUN_DIR/encoder.pt every K steps (default {t.save_every})")
@@ -135,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from spkenc.config import ModelConfig, TrainConfig
-    from spkenc.sampling import find_shards
+    from spkenc.sampling import drop_heldout, find_shards
     from spkenc.training import stored_train_config, train
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
@@ -147,6 +149,9 @@ def _train(args: argparse.Namespace) -> int:
         # Without model flags, --init-from/--resume take the checkpoint's model shape.
         model_config = ModelConfig.from_dict(given_model) if given_model or not (args.init_from or args.resume) else None
         shards = find_shards(args.shard_dirs)
+        if args.split_manifest:
+            shards, dropped = drop_heldout(shards, args.split_manifest)
+            log.info("%d shards of held-out speakers left out, %d to train on", dropped, len(shards))
         probes = find_shards(args.probe) if args.probe else []
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)

@@ -234,3 +234,28 @@ def probe_partials(
         log.warning("no probe utterance has %d frames; no UMAP will be drawn", partial)
         return None
     return ProbeSet(np.stack(mels).astype(np.float32), labels)
+
+
+def drop_heldout(shard_paths: Sequence[Path], manifest_paths: Sequence[Path]) -> tuple[list[Path], int]:
+    """The shards whose (corpus, speaker) is not held out in any of the corpus manifests, and
+    how many were dropped. A speaker that no manifest lists is kept.
+
+    This gives `spkenc train` the pipeline's train split: the `split` column of the manifests
+    that `raw_corpus` writes. Raises FileNotFoundError naming a missing manifest.
+    """
+    import pyarrow.parquet as pq
+
+    from spkenc.shards import read_shard_meta
+
+    heldout: set[tuple[str, str]] = set()
+    for manifest in manifest_paths:
+        if not Path(manifest).is_file():
+            raise FileNotFoundError(f"{manifest}: corpus manifest not found")
+        table = pq.read_table(manifest, columns=["corpus", "speaker_id", "split"]).to_pydict()
+        heldout |= {(c, s) for c, s, sp in zip(table["corpus"], table["speaker_id"], table["split"]) if sp == "heldout"}
+    kept = []
+    for path in shard_paths:
+        meta = read_shard_meta(path)
+        if (meta.corpus, meta.speaker_id) not in heldout:
+            kept.append(Path(path))
+    return kept, len(shard_paths) - len(kept)

@@ -145,3 +145,23 @@ def test_eligible_speakers_and_geometry_follow_the_policy():
     assert fit_batch_geometry(counts, 64, 10, "repeat") == (3, 10)
     with pytest.raises(ValueError, match="short_speaker_policy"):
         eligible_speakers(counts, 10, "drop")
+
+
+def test_drop_heldout_keeps_only_the_manifests_train_speakers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spkenc.sampling import drop_heldout
+    from spkenc.shards import write_shard
+
+    mel = np.ones((200, 40), dtype=np.float32)
+    paths = [write_shard(tmp_path / f"{c}_{s}.parquet", s, [("u1", mel, f"{s}/u1.flac")], corpus=c)
+             for s, c in (("a", "c1"), ("b", "c1"), ("b", "c2"), ("z", "c1"))]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"corpus": ["c1", "c1", "c2"], "speaker_id": ["a", "b", "b"], "split": ["train", "heldout", "train"]}),
+                   manifest)
+    kept, dropped = drop_heldout(paths, [manifest])
+    assert [p.name for p in kept] == ["c1_a.parquet", "c2_b.parquet", "c1_z.parquet"]
+    assert dropped == 1
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        drop_heldout(paths, [tmp_path / "missing.parquet"])
