@@ -27,6 +27,7 @@ from torch import nn
 
 from spkenc.ge2e import GE2ELoss
 from spkenc.model import SpeakerEncoder, infer_model_config
+from spkenc.pool import remove_dead_writer_temps
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +104,6 @@ def checkpoint_state(
     return {key: _to_plain(value, key) for key, value in state.items()}
 
 
-def _remove_orphan_temps(path: Path) -> None:
-    """Delete `.<name>.<pid>.<hex>.tmp` files of `path` whose writer process is gone (kill -9)."""
-    for temp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = temp.name[len(path.name) + 2 :].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            temp.unlink(missing_ok=True)
-        except PermissionError:  # alive, owned by another user
-            pass
-
-
 def save_checkpoint(
     path: PathLike,
     encoder: SpeakerEncoder,
@@ -137,7 +124,7 @@ def save_checkpoint(
     state = checkpoint_state(encoder, loss, optimizer, step, configs, extra)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphan_temps(path)
+        remove_dead_writer_temps(path.parent, f"{path.name}.")
         # O_EXCL on a random name, as mkstemp does, but with the umask's file mode, not 0600
         temp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

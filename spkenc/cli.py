@@ -307,9 +307,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "speaker verification EER and minDCF of a checkpoint on a corpus", _evaluate_arguments)
 def _evaluate(args: argparse.Namespace) -> int:
     from spkenc.config import EvalConfig
-    from spkenc.verification import evaluate_corpus, write_report_json, write_report_plots
-
     from spkenc.inference import pretrained_checkpoint
+    from spkenc.verification import evaluate_corpus, write_report_json, write_report_plots
 
     try:
         config = EvalConfig(max_trials=args.trials, trial_seed=args.trial_seed, rate=args.rate, min_coverage=args.min_coverage)

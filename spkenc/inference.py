@@ -202,9 +202,6 @@ class Embedder:
         precision: str = "fp32",
     ) -> "Embedder":
         """The model shipped in the package (`spkenc/models/MODEL_CARD.md` says how it was trained)."""
-        from spkenc.precision import check_precision
-
-        check_precision(precision)
         return cls.from_checkpoint(pretrained_checkpoint(), device=device, batch_size=batch_size, n_threads=n_threads,
                                    precision=precision)
 

@@ -58,6 +58,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from spkenc.pool import remove_dead_writer_temps
 from spkenc.shards import ShardError
 
 log = logging.getLogger(__name__)
@@ -289,15 +290,4 @@ def _remove_leftovers(folder: Path, stem: str, keep: Path) -> None:
         if other != keep and entry.fullmatch(other.name):
             other.unlink(missing_ok=True)
             log.info("%s: removed the mel cache entry of an older version of the shard", other)
-    temp = re.compile(r"\." + re.escape(stem) + r"\.[0-9a-f]{20}\.npy\.(\d+)\.[0-9a-f]{8}\.tmp")
-    for other in folder.glob("." + glob.escape(stem) + ".*.tmp"):
-        match = temp.fullmatch(other.name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            other.unlink(missing_ok=True)
-            log.info("%s: removed a temporary file left by a killed cache build", other)
-        except PermissionError:  # alive, owned by another user
-            pass
+    remove_dead_writer_temps(folder, f"{stem}.")

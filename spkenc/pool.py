@@ -8,6 +8,7 @@ task in flight during `max_attempts` crashes is given up with `WorkerDied`.
 
 import contextlib
 import fcntl
+import glob
 import logging
 import multiprocessing
 import os
@@ -141,3 +142,24 @@ def remove_orphan_temps(folder: Union[str, Path]) -> int:
         log.info("%s: removed %d temporary file(s) left by a killed run", folder, len(orphans))
     return len(orphans)
 
+
+def remove_dead_writer_temps(folder: Union[str, Path], prefix: str) -> int:
+    """Delete `folder/.<prefix>*.<pid>.<hex>.tmp` files whose writer process `pid` is gone
+    (killed mid-write), and return how many. Temporary files of live writers, of this process
+    and of names that do not parse are left alone. Atomic writers that name their temporary
+    files `.<target>.<pid>.<random hex>.tmp` call it before writing.
+    """
+    removed = 0
+    for temp in Path(folder).glob(f".{glob.escape(prefix)}*.tmp"):
+        parts = temp.name.rsplit(".", 3)
+        if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            temp.unlink(missing_ok=True)
+            removed += 1
+            log.info("%s: removed a temporary file left by a killed writer", temp)
+        except PermissionError:  # alive, owned by another user
+            pass
+    return removed

@@ -317,3 +317,24 @@ def test_checkpoint_files_get_the_umask_mode_and_a_wrong_optimizer_order_is_flag
     misordered = torch.optim.Adam([*encoder.parameters(), *loss_fn.parameters()])
     save_checkpoint(tmp_path / "misordered.pt", encoder, loss_fn, misordered)
     assert "not over rtvc_parameters(encoder, loss): RTVC cannot load its optimizer_state" in caplog.text
+
+
+def test_saving_removes_temporary_files_of_killed_writers_only(tmp_path):
+    """A writer killed mid-save leaves `.encoder.pt.<pid>.<hex>.tmp`; the next save removes it,
+    but never the temporary file of a writer that is still running."""
+    import subprocess
+    import sys
+
+    from spkenc.checkpoint import save_checkpoint
+    from spkenc.model import SpeakerEncoder
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, check=True).stdout)
+    dead = tmp_path / f".encoder.pt.{dead_pid}.0123abcd.tmp"
+    alive = tmp_path / f".encoder.pt.{os.getppid()}.4567cdef.tmp"
+    other = tmp_path / f".other.pt.{dead_pid}.89abcdef.tmp"
+    for path in (dead, alive, other):
+        path.write_bytes(b"partial")
+    save_checkpoint(tmp_path / "encoder.pt", SpeakerEncoder(), step=1)
+    assert not dead.exists()
+    assert alive.exists() and other.exists()

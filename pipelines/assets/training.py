@@ -104,7 +104,7 @@ def encoder_model(
     train_shards, probe_shards = _split_shards(paths, corpora, "train"), _split_shards(paths, corpora, "heldout")
     if not train_shards:
         raise ValueError(f"no train-split mel shards for {corpora} under {paths.root / 'mels'}: materialize mel_shards")
-    crop = crop_frames(TrainConfig.from_dict({k: v for k, v in config.model_dump().items() if k in _T.to_dict()}))
+    crop = crop_frames(config.spkenc_train_config(config.speakers_per_batch, config.utterances_per_speaker))
     counts = ShardStore(train_shards, memory_budget_bytes=0).usable_counts(crop)
     n, m = fit_batch_geometry(counts, config.speakers_per_batch, config.utterances_per_speaker, config.short_speaker_policy)
     if (n, m) != (config.speakers_per_batch, config.utterances_per_speaker):
