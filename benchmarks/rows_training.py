@@ -9,6 +9,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -189,55 +190,77 @@ def alternating_times(fns: list, n_runs: int, n_warmup: int = 1) -> list[Timing]
     return [Timing(tuple(times)) for times in runs]
 
 
+def moving_gap(reference: np.ndarray, other: np.ndarray, width: int) -> tuple[float, float, float]:
+    """(largest |relative gap|, mean relative gap, share of windows where `other` is higher) of
+    the `width`-step moving averages of two loss curves.
+
+    >>> tuple(round(v, 6) for v in moving_gap(np.ones(30), np.full(30, 1.5), 20))
+    (0.5, 0.5, 1.0)
+    """
+    smooth_ref, smooth_other = (np.convolve(c, np.ones(width) / width, mode="valid") for c in (reference, other))
+    gap = (smooth_other - smooth_ref) / smooth_ref
+    return float(np.max(np.abs(gap))), float(gap.mean()), float((gap > 0).mean())
+
+
 def loss_curve_rows(settings: Settings) -> list[RowResult]:
     """spkenc's training step for `curve_steps` steps in fp32 and in bf16 autocast, from the same
     initial weights on the same batches (sample_batch with seed 0, step k), interleaved step by
-    step. The CSV is appended as it goes, so a stopped run leaves the steps it finished. The
-    curves match when their 20-step moving averages stay within 2% of each other."""
+    step, plus an fp32 run from the initial weights of seed 1 on the same batches. The CSV is
+    appended as it goes, so a stopped run leaves the steps it finished.
+
+    The curves match when bf16's 20-step moving average stays as close to fp32's as a second
+    fp32 run from other initial weights does: the largest relative gap bf16 vs fp32 is at most
+    that of fp32 seed 1 vs fp32 seed 0 (a fixed 2% limit said nothing about the normal spread).
+    """
     from spkenc.sampling import ShardStore, sample_batch
 
     n, m = batch_geometry(settings)
     steps = settings.curve_steps
     store = ShardStore(corpus_shards(settings))
-    runs = {False: SpkencStep(bf16=False, seed=0), True: SpkencStep(bf16=True, seed=0)}
-    curves, seconds = {False: [], True: []}, {False: 0.0, True: 0.0}
+    names = ("fp32", "bf16", "fp32_seed1")
+    runs = {"fp32": SpkencStep(bf16=False, seed=0), "bf16": SpkencStep(bf16=True, seed=0),
+            "fp32_seed1": SpkencStep(bf16=False, seed=1)}
+    curves: dict[str, list[float]] = {k: [] for k in names}
+    seconds = {k: 0.0 for k in names}
     curve_csv = settings.cache / f"loss_curves_{n}x{m}_{steps}.csv"
     with open(curve_csv, "w") as out:
-        out.write("step,loss_fp32,loss_bf16,eer_fp32,eer_bf16\n")
+        out.write("step," + ",".join(f"loss_{k}" for k in names) + "," + ",".join(f"eer_{k}" for k in names) + "\n")
         for step in range(steps):
             mels = sample_batch(store, 0, step, 0, 1, n, m).mels
             eers = {}
-            for bf16, run in runs.items():
+            for name, run in runs.items():
                 started = time.perf_counter()
-                loss, eers[bf16] = run.step(mels)
-                seconds[bf16] += time.perf_counter() - started
-                curves[bf16].append(loss)
-            out.write(f"{step + 1},{curves[False][-1]:.6f},{curves[True][-1]:.6f},{eers[False]:.4f},{eers[True]:.4f}\n")
+                loss, eers[name] = run.step(mels)
+                seconds[name] += time.perf_counter() - started
+                curves[name].append(loss)
+            out.write(f"{step + 1}," + ",".join(f"{curves[k][-1]:.6f}" for k in names) + ","
+                      + ",".join(f"{eers[k]:.4f}" for k in names) + "\n")
             out.flush()
             if (step + 1) % 10 == 0:
-                log.info("loss curve step %d/%d: fp32 %.4f, bf16 %.4f", step + 1, steps, curves[False][-1], curves[True][-1])
-    fp32, bf16 = np.asarray(curves[False]), np.asarray(curves[True])
+                log.info("loss curve step %d/%d: %s", step + 1, steps, ", ".join(f"{k} {curves[k][-1]:.4f}" for k in names))
+    fp32, bf16, seed1 = (np.asarray(curves[k]) for k in names)
     width = min(20, steps)
-    smooth32, smooth16 = (np.convolve(c, np.ones(width) / width, mode="valid") for c in (fp32, bf16))
-    gap = (smooth16 - smooth32) / smooth32
-    rel = float(np.max(np.abs(gap)))
-    plot = plot_curves(fp32, bf16, curve_csv.with_suffix(".png"), f"{n}x{m}x160 batches, same initial weights and batches")
+    bf16_gap, bf16_mean, bf16_higher = moving_gap(fp32, bf16, width)
+    seed_gap, seed_mean, _ = moving_gap(fp32, seed1, width)
+    plot = plot_curves(fp32, bf16, curve_csv.with_suffix(".png"), f"{n}x{m}x160 batches, same initial weights and batches",
+                       reference=seed1)
     row = RowResult(
         f"loss curve bf16 vs fp32, {steps} steps of {n}x{m}x160", "loss_curve",
-        seconds[True] / steps, seconds[False] / steps, "s/step", "lower", target_text="curves match",
+        seconds["bf16"] / steps, seconds["fp32"] / steps, "s/step", "lower", target_text="curves match",
     )
     row.checks["curves match"] = (
-        rel <= 0.02,
-        f"max relative gap of {width}-step moving averages {100 * rel:.2f}% (limit 2%), mean {100 * float(gap.mean()):+.2f}%, "
-        f"bf16 higher in {100 * float((gap > 0).mean()):.0f}% of windows; loss {fp32[0]:.3f} -> {fp32[-1]:.3f} fp32, "
-        f"{bf16[0]:.3f} -> {bf16[-1]:.3f} bf16; {curve_csv}, {plot}",
+        bf16_gap <= seed_gap,
+        f"max relative gap of {width}-step moving averages: bf16 vs fp32 {100 * bf16_gap:.2f}% (mean {100 * bf16_mean:+.2f}%, "
+        f"bf16 higher in {100 * bf16_higher:.0f}% of windows), fp32 seed 1 vs seed 0 {100 * seed_gap:.2f}% "
+        f"(mean {100 * seed_mean:+.2f}%); loss {fp32[0]:.3f} -> {fp32[-1]:.3f} fp32, {bf16[0]:.3f} -> {bf16[-1]:.3f} bf16; "
+        f"{curve_csv}, {plot}",
     )
     row.notes.append("spkenc figure: bf16 s/step, peer figure: spkenc fp32 s/step over the whole curve")
     return [row]
 
 
-def plot_curves(fp32: np.ndarray, bf16: np.ndarray, path: Path, title: str) -> Path:
-    """PNG of the two (steps,) loss curves; returns `path`."""
+def plot_curves(fp32: np.ndarray, bf16: np.ndarray, path: Path, title: str, reference: Optional[np.ndarray] = None) -> Path:
+    """PNG of the (steps,) loss curves, with the fp32 seed-1 `reference` when given; returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,6 +270,8 @@ def plot_curves(fp32: np.ndarray, bf16: np.ndarray, path: Path, title: str) -> P
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, fp32, lw=0.8, label="fp32")
     ax.plot(steps, bf16, lw=0.8, label="bf16 autocast")
+    if reference is not None:
+        ax.plot(steps, reference, lw=0.8, label="fp32, initial weights of seed 1")
     ax.set_xlabel("step")
     ax.set_ylabel("GE2E loss")
     ax.set_title(title)

@@ -9,6 +9,9 @@ augmentations cheap enough to run on every batch, with no audio decoding:
   crop is drawn `ceil(T * (1 + aug_speed))` frames long, its first round(T * s) frames are
   resampled to T frames (tempo), and every mel band's power is read at its centre frequency
   divided by s (pitch, like resampling the waveform);
+- speaker speed: with `speaker_speeds`, the sampler draws each speaker as recorded or as one
+  of its sped-up or slowed-down copies, which count as other speakers (`Batch.copies`); all
+  crops of a copy are played at its factor, times the per-crop speed above;
 - noise: with probability aug_noise_prob, a crop of another training speaker's recording (real
   babble from the training data) is added at an SNR uniform in [aug_noise_snr_db_min, max] dB.
 
@@ -18,7 +21,7 @@ pure function of (seed, step, rank) and a resumed run sees exactly the batches i
 
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -34,7 +37,7 @@ def augments(config: TrainConfig) -> bool:
     >>> augments(TrainConfig()), augments(TrainConfig(aug_volume_db=3.0))
     (False, True)
     """
-    return config.aug_volume_db > 0 or config.aug_speed > 0 or config.aug_noise_prob > 0
+    return config.aug_volume_db > 0 or config.aug_speed > 0 or config.aug_noise_prob > 0 or bool(config.speaker_speeds)
 
 
 def crop_frames(config: TrainConfig, audio_config: AudioConfig = AudioConfig()) -> int:
@@ -42,9 +45,12 @@ def crop_frames(config: TrainConfig, audio_config: AudioConfig = AudioConfig()) 
 
     >>> crop_frames(TrainConfig()), crop_frames(TrainConfig(crop_n_frames=100, aug_speed=0.1))
     (160, 110)
+    >>> crop_frames(TrainConfig(speaker_speeds=(0.9, 1.1)))
+    176
     """
     frames = config.crop_n_frames or audio_config.partial_n_frames
-    return int(math.ceil(frames * (1.0 + config.aug_speed) - 1e-6))
+    fastest = max((1.0, *config.speaker_speeds))
+    return int(math.ceil(frames * fastest * (1.0 + config.aug_speed) - 1e-6))
 
 
 @lru_cache(maxsize=8)
@@ -82,10 +88,13 @@ def augment_batch(
     seed: int,
     step: int,
     rank: int = 0,
+    copies: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Augment a sampled batch (N, M, crop, n_mels) into (N, M, T, n_mels) float32, T the training crop.
 
     `speaker_indices` are the batch's speakers in `store`; noise is never taken from them.
+    `copies` (N,) are the sampler's speaker copies (`Batch.copies`): copy k > 0 is played at
+    `config.speaker_speeds[k - 1]`; None means every speaker as recorded.
     """
     audio = store.audio_config
     n_frames = config.crop_n_frames or audio.partial_n_frames
@@ -95,10 +104,13 @@ def augment_batch(
     in_batch = set(int(s) for s in speaker_indices)
     others = np.array([s for s in range(len(store)) if s not in in_batch], dtype=np.int64)
     lengths = [store.speakers[s].n_frames for s in range(len(store))]
+    factors = (1.0, *config.speaker_speeds)
     for i in range(n):
+        speaker_speed = factors[int(copies[i])] if copies is not None else 1.0
         for j in range(m):
             speed = rng.uniform(1.0 - config.aug_speed, 1.0 + config.aug_speed) if config.aug_speed > 0 else 1.0
-            crop = change_speed(mels[i, j], speed, n_frames, audio) if config.aug_speed > 0 else mels[i, j, :n_frames]
+            speed *= speaker_speed
+            crop = change_speed(mels[i, j], speed, n_frames, audio) if speed != 1.0 else mels[i, j, :n_frames]
             if config.aug_noise_prob > 0 and len(others) and rng.random() < config.aug_noise_prob:
                 crop = crop + _babble(store, others, lengths, n_frames, crop, rng, config)
             if config.aug_volume_db > 0:

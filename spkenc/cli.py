@@ -82,7 +82,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "utterances_per_speaker",
                  "short_speaker_policy", "learning_rate_init", "lr_schedule", "lr_warmup_steps", "lr_decay_steps",
                  "lr_decay_gamma", "seed", "bf16", "crop_n_frames", "aug_volume_db", "aug_speed", "aug_noise_prob",
-                 "aug_noise_snr_db_min", "aug_noise_snr_db_max")
+                 "aug_noise_snr_db_min", "aug_noise_snr_db_max", "speaker_speeds", "single_corpus_batches")
 _MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
 
 
@@ -124,10 +124,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"share of crops mixed with another training speaker's recording (default {t.aug_noise_prob})")
     p.add_argument("--aug-noise-snr-db-min", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_min})")
     p.add_argument("--aug-noise-snr-db-max", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_max})")
+    p.add_argument("--speaker-speeds", type=_speed_list, metavar="F,F",
+                   help="speaker augmentation: each training speaker also counts as new speakers played at these "
+                        "speed factors, e.g. 0.9,1.1 (default: none)")
+    p.add_argument("--single-corpus-batches", action=argparse.BooleanOptionalAction,
+                   help="draw each batch's speakers from one corpus, filled up from the others when it has too few "
+                        f"(default {t.single_corpus_batches})")
     p.add_argument("--hidden-size", type=int, help=f"LSTM width of a fresh model (default {mc.hidden_size})")
     p.add_argument("--n-layers", type=int, help=f"LSTM layers of a fresh model (default {mc.n_layers})")
     p.add_argument("--embedding-size", type=int, help=f"embedding size of a fresh model (default {mc.embedding_size})")
     p.add_argument("--rank-state-dir", type=Path, help=argparse.SUPPRESS)
+
+
+def _speed_list(text: str) -> tuple[float, ...]:
+    """ "0.9,1.1" -> (0.9, 1.1); argparse reports a ValueError as a usage error."""
+    return tuple(float(part) for part in text.split(",") if part.strip())
 
 
 @command("train", "GE2E training over mel shards (resumable; distributed under torchrun)", _train_arguments)

@@ -123,6 +123,13 @@ class TrainConfig(_Config):
     aug_noise_prob: float = 0.0  # share of crops mixed with another training speaker's recording
     aug_noise_snr_db_min: float = 10.0
     aug_noise_snr_db_max: float = 30.0
+    # Speaker augmentation: every training speaker also enters the draw as a new speaker played
+    # at each of these speed factors (tempo and pitch), as in Yamamoto et al., Interspeech 2019.
+    speaker_speeds: tuple[float, ...] = ()
+    # Each batch draws its speakers from one corpus (chosen in proportion to its speakers), filling
+    # up from the others only when that corpus has too few: negatives from the same recording
+    # conditions are the hard ones. False is RTVC's draw over all corpora together.
+    single_corpus_batches: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "step"):
@@ -149,6 +156,10 @@ class TrainConfig(_Config):
                 f"aug_noise_prob must be in [0, 1] and aug_noise_snr_db_min <= aug_noise_snr_db_max, got "
                 f"{self.aug_noise_prob}, {self.aug_noise_snr_db_min}, {self.aug_noise_snr_db_max}"
             )
+        speeds = tuple(float(f) for f in self.speaker_speeds)
+        object.__setattr__(self, "speaker_speeds", speeds)  # lists from Dagster, YAML and checkpoints
+        if any(not 0.5 <= f <= 1.5 or f == 1.0 for f in speeds) or len(set(speeds)) < len(speeds):
+            raise ValueError(f"speaker_speeds must be distinct factors in [0.5, 1.5] other than 1.0, got {list(speeds)}")
         if self.steps < 0 or self.seed < 0:
             raise ValueError(f"steps and seed must be non-negative, got steps={self.steps}, seed={self.seed}")
 

@@ -72,46 +72,76 @@ def _run_alone(fn: Callable[[Any], Any], task: Any, context: Any) -> Any:
             return error
 
 
-def map_unordered(
-    fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, preload: Sequence[str] = ()
-) -> Iterator[tuple[Any, Any]]:
-    """Yield (task, fn(task)) as results arrive; at most 2 * workers tasks are in flight.
+def chunk_size_for(n_tasks: int, workers: int, largest: int = 16) -> int:
+    """Tasks per chunk: up to `largest`, while keeping at least 8 chunks per worker so the
+    last chunks still spread over all workers.
 
+    >>> chunk_size_for(2500, 2), chunk_size_for(100, 2), chunk_size_for(3, 2)
+    (16, 6, 1)
+    """
+    return max(1, min(largest, n_tasks // (8 * max(1, workers))))
+
+
+def _run_chunk(fn: Callable[[Any], Any], tasks: list) -> list:
+    """Worker: `fn` on each task of a chunk; a task's exception becomes its result."""
+    results = []
+    for task in tasks:
+        try:
+            results.append(fn(task))
+        except Exception as error:  # the task's own error, reported as its result
+            results.append(error)
+    return results
+
+
+def map_unordered(
+    fn: Callable[[Any], Any],
+    tasks: Iterable[Any],
+    workers: int,
+    preload: Sequence[str] = (),
+    chunk_size: int = 1,
+) -> Iterator[tuple[Any, Any]]:
+    """Yield (task, fn(task)) as results arrive; at most 2 * workers chunks are in flight.
+
+    Tasks travel to the workers `chunk_size` at a time: one future and one round trip per
+    chunk, not per task, so the parent's bookkeeping stays off the cores the workers use.
     Exceptions raised by `fn` are yielded as the result (the caller turns them into
-    rejects). When a worker dies, every task then in flight is rerun alone in a fresh
-    process, so only the task that kills its worker ends as `WorkerDied`. `fn` and the
+    rejects). When a worker dies, every task of the chunks then in flight is rerun alone in a
+    fresh process, so only the task that kills its worker ends as `WorkerDied`. `fn` and the
     tasks must be picklable. `preload` names modules the fork server imports once, so that
     each new worker starts with them loaded (it applies when the server starts).
     """
-    pending = list(tasks)[::-1]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    listed = list(tasks)
+    pending = [listed[i : i + chunk_size] for i in range(0, len(listed), chunk_size)][::-1]
     context = multiprocessing.get_context("forkserver")
     if preload:
         context.set_forkserver_preload(list(preload))
     while pending:
         crashed: list[Any] = []
         with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
-            running: dict[Future, Any] = {}
+            running: dict[Future, list] = {}
             while (pending and not crashed) or running:
                 while pending and len(running) < 2 * workers and not crashed:
-                    task = pending.pop()
+                    chunk = pending.pop()
                     try:
-                        running[pool.submit(fn, task)] = task
+                        running[pool.submit(_run_chunk, fn, chunk)] = chunk
                     except BrokenProcessPool:
-                        pending.append(task)
+                        pending.append(chunk)
                         break
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    task = running.pop(future)
+                    chunk = running.pop(future)
                     try:
-                        result = future.result()
+                        results = future.result()
                     except BrokenProcessPool:
-                        crashed.append(task)
+                        crashed.extend(chunk)
                         continue
-                    except Exception as error:  # the task's own error, reported as its result
-                        result = error
-                    yield task, result
+                    except Exception as error:  # e.g. a result that cannot be pickled
+                        results = [error] * len(chunk)
+                    yield from zip(chunk, results)
         if crashed:
             log.warning("a pool worker died; rerunning the %d task(s) then in flight one by one", len(crashed))
         for task in crashed:

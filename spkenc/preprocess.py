@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spkenc.config import AudioConfig, DataConfig
-from spkenc.pool import WorkerDied, folder_lock, map_unordered, remove_orphan_temps, resolve_workers
+from spkenc.pool import WorkerDied, chunk_size_for, folder_lock, map_unordered, remove_orphan_temps, resolve_workers
 from spkenc.shards import write_table_atomic
 from spkenc.stages import params_hash
 
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 TRIM_INDEX = ".index.parquet"
 INDEX_CHECKPOINT_S = 2.0  # how often a running stage saves its index
 # Imported once by the fork server, so that pool workers start with them loaded.
-_WORKER_MODULES = ("spkenc.audio", "spkenc.stages", "spkenc.shards", "soundfile")
+# librosa.filters (the mel filterbank, about 1 s to import) too: paid once, not by every mel worker.
+_WORKER_MODULES = ("spkenc.audio", "spkenc.stages", "spkenc.shards", "soundfile", "librosa.filters")
 Progress = Callable[[int, int], None]
 _INDEX_SCHEMA = pa.schema(
     [
@@ -160,10 +161,13 @@ def trim_corpus(
                           "max_segment_s": data_config.max_segment_s})
         n_skipped = len(index)
         log.info("%s: %d sources to trim, %d unchanged", out_dir, len(tasks), n_skipped)
+        # Longest first, so that no long file starts last and leaves one worker busy alone.
+        tasks.sort(key=lambda t: -t["source_duration_s"])
+        chunk = chunk_size_for(len(tasks), workers)
         peak = cpu_s = 0.0
         fields = set(_INDEX_SCHEMA.names)
         saved = time.monotonic()
-        for done, (task, result) in enumerate(map_unordered(_trim_task, tasks, workers, _WORKER_MODULES), start=1):
+        for done, (task, result) in enumerate(map_unordered(_trim_task, tasks, workers, _WORKER_MODULES, chunk), start=1):
             entry = {k: v for k, v in task.items() if k in fields}
             if isinstance(result, BaseException):
                 kind = "worker died" if isinstance(result, WorkerDied) else "processing error"
@@ -292,6 +296,7 @@ def build_mel_shards(
                           "path": str(shard), "corpus": corpus, "config": config.to_dict(), "mel_dtype": mel_dtype,
                           "fingerprint": fingerprint})
         n_skipped, cpu_s = len(index), 0.0
+        tasks.sort(key=lambda t: -len(t["utterances"]))  # the largest speakers first, for an even tail
         saved = time.monotonic()
         for done, (task, result) in enumerate(map_unordered(_mel_task, tasks, workers, _WORKER_MODULES), start=1):
             if isinstance(result, BaseException):

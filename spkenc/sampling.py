@@ -10,6 +10,17 @@ speakers without talking to each other:
 - `np.random.default_rng([seed, step, rank, 1])` then picks each speaker's M utterances and
   each utterance's random 160-frame crop.
 
+Speaker copies (`n_copies` > 1, TrainConfig.speaker_speeds): every eligible speaker enters the
+permutation `n_copies` times, as different speakers; `Batch.copies` says which copy each drawn
+speaker is (0: as recorded, k: played at speaker_speeds[k - 1] by `spkenc.augment`). A batch may
+then hold one speaker at two speeds, as two speakers.
+
+Single-corpus batches (`single_corpus=True`, TrainConfig.single_corpus_batches): the same
+`default_rng([seed, step])` first picks one corpus, with probability proportional to its
+eligible (virtual) speakers, then orders that corpus's speakers (permuted) before all others
+(permuted). With enough speakers, every rank's batch is then from that one corpus; a corpus with
+too few is filled up from the others.
+
 Short-speaker policy (a speaker with fewer than M usable utterances; an utterance is usable when
 it has at least `partial_n_frames` frames):
 - `"exclude"` (default): the speaker is never drawn. Every batch holds M distinct utterances per
@@ -42,12 +53,14 @@ class Batch:
     `speaker_indices`: (N,) indices into `ShardStore.speakers`.
     `utterance_indices`, `offsets_frames`: (N, M) the utterance row in the speaker's shard and
     the first frame of the crop.
+    `copies`: (N,) which copy of each speaker was drawn (all 0 without speaker copies).
     """
 
     mels: np.ndarray
     speaker_indices: np.ndarray
     utterance_indices: np.ndarray
     offsets_frames: np.ndarray
+    copies: np.ndarray
 
 
 def eligible_speakers(usable_counts: np.ndarray, utterances_per_speaker: int, policy: str = "exclude") -> np.ndarray:
@@ -111,14 +124,17 @@ def require_eligible(
     short_speaker_policy: str,
     world_size: int,
     crop_frames: Optional[int] = None,
+    n_copies: int = 1,
 ) -> np.ndarray:
-    """Indices of the eligible speakers; ValueError with the numbers when a batch cannot be filled."""
+    """Indices of the eligible speakers; ValueError with the numbers when a batch cannot be filled
+    (with `n_copies` copies of each speaker counting as that many speakers)."""
     eligible = eligible_speakers(store.usable_counts(crop_frames), utterances_per_speaker, short_speaker_policy)
     needed = speakers_per_batch * world_size
-    if len(eligible) < needed:
+    if len(eligible) * n_copies < needed:
         minimum = utterances_per_speaker if short_speaker_policy == "exclude" else 1
+        copies = f" x {n_copies} copies" if n_copies > 1 else ""
         raise ValueError(
-            f"{len(eligible)} of {len(store)} speakers have >= {minimum} utterances of >= "
+            f"{len(eligible)} of {len(store)} speakers{copies} have >= {minimum} utterances of >= "
             f"{crop_frames or store.audio_config.partial_n_frames} frames, but a batch needs {speakers_per_batch} speakers x "
             f"{world_size} rank(s) = {needed} (short_speaker_policy={short_speaker_policy!r})"
         )
@@ -135,23 +151,40 @@ def sample_batch(
     utterances_per_speaker: int = 10,
     short_speaker_policy: str = "exclude",
     crop_frames: Optional[int] = None,
+    n_copies: int = 1,
+    single_corpus: bool = False,
 ) -> Batch:
     """Draw rank `rank`'s batch for optimizer step `step` (a pure function of seed, step, rank).
 
     Returns a `Batch` whose `mels` is (N, M, crop_frames, n_mels) float32, crop_frames defaulting
     to the audio config's partial_n_frames. See the module
-    docstring for the draw and the short-speaker policy. Raises ValueError when fewer than
+    docstring for the draw, the speaker copies, single-corpus batches and the short-speaker policy. Raises ValueError when fewer than
     N * world_size speakers are eligible, naming both numbers.
     """
     if seed < 0 or step < 0:
         raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if n_copies < 1:
+        raise ValueError(f"n_copies must be at least 1, got {n_copies}")
     n, m = speakers_per_batch, utterances_per_speaker
     partial = crop_frames or store.audio_config.partial_n_frames
-    eligible = require_eligible(store, n, m, short_speaker_policy, world_size, partial)
-    order = np.random.default_rng([seed, step]).permutation(eligible)
+    eligible = require_eligible(store, n, m, short_speaker_policy, world_size, partial, n_copies)
+    draw = np.random.default_rng([seed, step])
+    if n_copies == 1 and not single_corpus:
+        order, copy_order = draw.permutation(eligible), None
+    else:  # virtual speaker v is copy v // E of eligible speaker v % E
+        virtual = np.arange(len(eligible) * n_copies)
+        if single_corpus:
+            corpora = np.array([store.speakers[s].corpus for s in eligible])[virtual % len(eligible)]
+            names, counts = np.unique(corpora, return_counts=True)
+            picked = names[draw.choice(len(names), p=counts / counts.sum())]
+            virtual = np.concatenate([draw.permutation(virtual[corpora == picked]), draw.permutation(virtual[corpora != picked])])
+        else:
+            virtual = draw.permutation(virtual)
+        order, copy_order = eligible[virtual % len(eligible)], virtual // len(eligible)
     chosen = order[rank * n : (rank + 1) * n]
+    copies = np.zeros(n, np.int64) if copy_order is None else copy_order[rank * n : (rank + 1) * n].astype(np.int64)
     rng = np.random.default_rng([seed, step, rank, 1])
     mels = np.empty((n, m, partial, store.audio_config.n_mels), dtype=np.float32)
     rows_out = np.empty((n, m), dtype=np.int64)
@@ -163,7 +196,7 @@ def sample_batch(
         starts = rng.integers(0, n_frames[rows] - partial + 1)
         store.read_crops(int(speaker), rows, starts, partial, out=mels[i])
         rows_out[i], offsets[i] = rows, starts
-    return Batch(mels, chosen.astype(np.int64), rows_out, offsets)
+    return Batch(mels, chosen.astype(np.int64), rows_out, offsets, copies)
 
 
 def shards_for_split(shard_dir: Path, manifest_path: Path, split: str = "train") -> list[Path]:

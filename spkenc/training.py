@@ -198,7 +198,8 @@ def train(
         store = ShardStore(shard_paths, audio_config, memory_budget_bytes)
         n, m = config.speakers_per_batch, config.utterances_per_speaker
         crop = crop_frames(config, audio_config)
-        require_eligible(store, n, m, config.short_speaker_policy, world_size, crop)
+        n_copies = 1 + len(config.speaker_speeds)
+        require_eligible(store, n, m, config.short_speaker_policy, world_size, crop, n_copies)
 
         checkpoint_path = run_dir / "encoder.pt"
         state = None
@@ -272,12 +273,13 @@ def train(
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = sample_batch(store, config.seed, step, rank, world_size, n, m, config.short_speaker_policy, crop)
+            batch = sample_batch(store, config.seed, step, rank, world_size, n, m, config.short_speaker_policy, crop,
+                                 n_copies, config.single_corpus_batches)
             if rank_state_dir is not None:
                 drawn.append(batch.speaker_indices)
             mels = batch.mels
             if augments(config):
-                mels = augment_batch(mels, batch.speaker_indices, store, config, config.seed, step, rank)
+                mels = augment_batch(mels, batch.speaker_indices, store, config, config.seed, step, rank, copies=batch.copies)
             loss, sim = objective(torch.from_numpy(mels).to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -291,10 +293,11 @@ def train(
             history_steps.append(done)
             history_losses.append(loss_value)
             saved = None
-            if done % config.save_every == 0 or done == config.steps:
+            backup = done % config.backup_every == 0  # on its own schedule, not only where save_every falls too
+            if done % config.save_every == 0 or done == config.steps or backup:
                 if rank == 0:
                     saved = save(done, checkpoint_path)
-                if rank == 0 and done % config.backup_every == 0:
+                if rank == 0 and backup:
                     save(done, run_dir / "backups" / f"encoder_{done:06d}.pt")
                 barrier(world_size)
             drew_umap = None

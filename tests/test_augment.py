@@ -99,11 +99,38 @@ def test_augmentation_is_a_pure_function_of_seed_step_and_rank(store):
 @pytest.mark.parametrize(
     "changes, word",
     [({"aug_speed": 0.5}, "aug_speed"), ({"aug_volume_db": -1.0}, "aug_volume_db"), ({"crop_n_frames": -5}, "crop_n_frames"),
-     ({"aug_noise_prob": 1.5}, "aug_noise_prob"), ({"aug_noise_snr_db_min": 20.0, "aug_noise_snr_db_max": 10.0}, "snr")],
+     ({"aug_noise_prob": 1.5}, "aug_noise_prob"), ({"aug_noise_snr_db_min": 20.0, "aug_noise_snr_db_max": 10.0}, "snr"),
+     ({"speaker_speeds": (1.0,)}, "speaker_speeds"), ({"speaker_speeds": (0.9, 2.0)}, "speaker_speeds"),
+     ({"speaker_speeds": (0.9, 0.9)}, "speaker_speeds")],
 )
 def test_bad_augmentation_settings_are_refused_by_name(changes, word):
     with pytest.raises(ValueError, match=word):
         TrainConfig(**changes)
+
+
+def test_speaker_copies_are_drawn_as_other_speakers_and_played_at_their_speed(store):
+    from spkenc.sampling import sample_batch
+
+    config = TrainConfig(crop_n_frames=100, speaker_speeds=[0.9, 1.1])
+    assert config.speaker_speeds == (0.9, 1.1)  # a list from Dagster or YAML becomes a tuple
+    crop = crop_frames(config)
+    assert crop == 110
+    # 8 speakers x 3 copies: a batch of 20 speakers is possible, and some copies are drawn.
+    batch = sample_batch(store, 0, 0, 0, 1, 20, 3, "repeat", crop, n_copies=3)
+    pairs = set(zip(batch.speaker_indices.tolist(), batch.copies.tolist()))
+    assert len(pairs) == 20 and set(batch.copies.tolist()) == {0, 1, 2}
+    again = sample_batch(store, 0, 0, 0, 1, 20, 3, "repeat", crop, n_copies=3)
+    np.testing.assert_array_equal(again.copies, batch.copies)
+    np.testing.assert_array_equal(again.mels, batch.mels)
+    out = augment_batch(batch.mels, batch.speaker_indices, store, config, 0, 0, copies=batch.copies)
+    for i, copy in enumerate(batch.copies):
+        for j in range(3):
+            if copy == 0:
+                np.testing.assert_array_equal(out[i, j], batch.mels[i, j, :100])
+            else:
+                np.testing.assert_array_equal(out[i, j], change_speed(batch.mels[i, j], (1.0, 0.9, 1.1)[copy], 100))
+    with pytest.raises(ValueError, match="8 of 8 speakers x 3 copies"):
+        sample_batch(store, 0, 0, 0, 1, 25, 3, "repeat", crop, n_copies=3)
 
 
 def test_a_crop_longer_than_every_utterance_is_refused_with_the_numbers(shards, tmp_path):
@@ -119,7 +146,8 @@ def test_augmented_training_resumes_bit_identically(shards, tmp_path):
     from spkenc.training import train
 
     config = TrainConfig(speakers_per_batch=4, utterances_per_speaker=3, steps=4, save_every=2, learning_rate_init=1e-3,
-                         short_speaker_policy="repeat", crop_n_frames=80, aug_volume_db=3.0, aug_speed=0.1, aug_noise_prob=0.5)
+                         short_speaker_policy="repeat", crop_n_frames=80, aug_volume_db=3.0, aug_speed=0.1, aug_noise_prob=0.5,
+                         speaker_speeds=(0.9, 1.1))
     straight = train(shards, tmp_path / "straight", config, model_config=TINY, device="cpu", n_threads=1)
     train(shards, tmp_path / "split", config.replace(steps=2), model_config=TINY, device="cpu", n_threads=1)
     resumed = train(shards, tmp_path / "split", config, model_config=TINY, device="cpu", n_threads=1, resume=True)
@@ -128,3 +156,4 @@ def test_augmented_training_resumes_bit_identically(shards, tmp_path):
     for key, value in a["model_state"].items():
         assert torch.equal(value, b["model_state"][key]), key
     assert a["train_config"]["aug_speed"] == 0.1 and a["train_config"]["crop_n_frames"] == 80
+    assert tuple(a["train_config"]["speaker_speeds"]) == (0.9, 1.1)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,23 @@ def test_quick_run_prints_a_table_with_figures_for_both_sides(tmp_path):
         assert verdict in ("PASS", "FAIL"), what
     spkenc_gflops, peer_gflops = rows["training step fp32, 8x4x160"][7].split(" / ")
     assert float(spkenc_gflops) > 0 and float(peer_gflops) > 0
+
+
+@pytest.mark.slow
+def test_the_loss_curve_row_compares_bf16_with_the_spread_of_two_fp32_runs(tmp_path):
+    from benchmarks.rows_training import moving_gap
+
+    assert moving_gap(np.ones(30), np.full(30, 1.5), 20) == pytest.approx((0.5, 0.5, 1.0))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "loss_curve", "--curve-steps", "3", "--cache", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = _table_rows(done.stdout).values()
+    assert row[0] == "loss curve bf16 vs fp32, 3 steps of 8x4x160" and row[6] in ("PASS", "FAIL")
+    assert "fp32 seed 1 vs seed 0" in row[8]
+    header = (tmp_path / "loss_curves_8x4_3.csv").read_text().splitlines()[0]
+    assert header.startswith("step,loss_fp32,loss_bf16,loss_fp32_seed1")
 
 
 def test_unknown_row_is_a_usage_error():

@@ -101,3 +101,14 @@ def test_a_failing_materialization_ends_its_mlflow_run_failed(work, tmp_path):
     client = MlflowClient(tracking_uri=work["env"]["MLFLOW_TRACKING_URI"])
     runs = client.search_runs(["1"], filter_string="tags.`spkenc.run_name` = 'broken'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_the_launchpad_config_carries_the_batch_and_speaker_augmentation_settings():
+    from pipelines.assets.training import EncoderModelConfig
+
+    config = EncoderModelConfig(speaker_speeds=[0.9, 1.1], single_corpus_batches=True, steps=7)
+    train_config = config.spkenc_train_config(8, 4)
+    assert train_config.speaker_speeds == (0.9, 1.1) and train_config.single_corpus_batches is True
+    assert (train_config.steps, train_config.speakers_per_batch, train_config.utterances_per_speaker) == (7, 8, 4)
+    with pytest.raises(ValueError, match="speaker_speeds"):
+        EncoderModelConfig(speaker_speeds=[1.0]).spkenc_train_config(8, 4)

@@ -165,3 +165,28 @@ def test_drop_heldout_keeps_only_the_manifests_train_speakers(tmp_path):
     assert dropped == 1
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         drop_heldout(paths, [tmp_path / "missing.parquet"])
+
+
+def test_single_corpus_batches_take_their_speakers_from_one_corpus_first(corpus, tmp_path):
+    # The same 6 demo speakers' mels as two corpora: 4 speakers of "big", 2 of "small".
+    paths = [write(tmp_path / f"{c}_{s}.parquet", s, corpus["mels"][s][:4], corpus=c)
+             for c, speakers in (("big", corpus["speakers"][:4]), ("small", corpus["speakers"][4:6])) for s in speakers]
+    store = ShardStore(paths)
+    corpus_of = [s.corpus for s in store.speakers]
+    seen = set()
+    for step in range(30):
+        batch = sample_batch(store, 0, step, 0, 1, 2, 3, single_corpus=True)
+        names = {corpus_of[s] for s in batch.speaker_indices}
+        assert len(names) == 1, f"step {step}: a 2-speaker batch mixed corpora {names}"
+        seen |= names
+        again = sample_batch(store, 0, step, 0, 1, 2, 3, single_corpus=True)
+        np.testing.assert_array_equal(again.mels, batch.mels)
+    assert seen == {"big", "small"}
+    # A batch larger than the picked corpus is filled up from the other one, speakers never repeating.
+    for step in range(10):
+        batch = sample_batch(store, 0, step, 0, 1, 3, 3, single_corpus=True)
+        assert len(set(batch.speaker_indices.tolist())) == 3
+    # Without it, the draw is RTVC's over all speakers, unchanged.
+    plain = sample_batch(store, 0, 5, 0, 1, 3, 3)
+    order = np.random.default_rng([0, 5]).permutation(np.arange(len(store)))
+    np.testing.assert_array_equal(plain.speaker_indices, order[:3])

@@ -113,6 +113,12 @@ def test_checkpoints_and_numbered_backups_are_written_on_schedule(shards, tmp_pa
     assert _state(tmp_path / "backups" / "encoder_000004.pt")["step"] == 4
 
 
+def test_backups_keep_their_schedule_when_it_is_not_a_multiple_of_save_every(shards, tmp_path):
+    train(shards, tmp_path, config(steps=6, save_every=4, backup_every=3), model_config=TINY, device="cpu", n_threads=1)
+    assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == ["encoder_000003.pt", "encoder_000006.pt"]
+    assert _state(tmp_path / "backups" / "encoder_000003.pt")["step"] == 3
+
+
 def test_wb_gradients_are_scaled_before_the_update(shards, tmp_path):
     seen: list[TrainProgress] = []
     train(shards, tmp_path / "frozen", config(steps=2, wb_grad_scale=0.0), model_config=TINY, device="cpu", callback=seen.append)
@@ -182,6 +188,20 @@ def test_cli_writes_encoder_pt_and_reports_bad_input(shards, tmp_path, caplog):
     assert "missing: no such shard file or folder" in caplog.text
     assert main(["train", str(shards[0].parent), "--out", str(tmp_path / "big"), "--speakers-per-batch", "40"]) == 1
     assert "a batch needs 40 speakers" in caplog.text
+
+
+def test_cli_passes_speaker_speeds_and_single_corpus_batches_to_training(shards, tmp_path, capsys):
+    from spkenc.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(shards[0].parent), "--out", str(run), "--steps", "1", "--speakers-per-batch", "3",
+                 "--utterances-per-speaker", "2", "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "1",
+                 "--embedding-size", "16", "--threads", "1", "--speaker-speeds", "0.9,1.1", "--single-corpus-batches"]) == 0
+    stored = _state(run / "encoder.pt")["train_config"]
+    assert tuple(stored["speaker_speeds"]) == (0.9, 1.1) and stored["single_corpus_batches"] is True
+    with pytest.raises(SystemExit):
+        main(["train", str(shards[0].parent), "--out", str(tmp_path / "bad"), "--speaker-speeds", "fast"])
+    assert "--speaker-speeds" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -38,6 +38,10 @@ class EncoderModelConfig(dg.Config):
     aug_noise_prob: float = Field(default=_T.aug_noise_prob, description="share of crops mixed with another speaker's recording")
     aug_noise_snr_db_min: float = _T.aug_noise_snr_db_min
     aug_noise_snr_db_max: float = _T.aug_noise_snr_db_max
+    speaker_speeds: list[float] = Field(default=list(_T.speaker_speeds),
+                                        description="speaker augmentation: speed factors whose copies of each speaker count as new speakers")
+    single_corpus_batches: bool = Field(default=_T.single_corpus_batches,
+                                        description="each batch from one corpus (hard negatives), filled up from the others")
     seed: int = _T.seed
     save_every: int = _T.save_every
     backup_every: int = _T.backup_every

@@ -72,7 +72,11 @@ def _server_commands(tmp: Path) -> list[tuple[str, list[str]]]:
                                              "--port", port, "--workers", "1"]),
             ("dagster-webserver, default host", [str(BIN / "dagster-webserver"), "-m", "pipelines.definitions", "-p", port])]
     for command in readme_server_commands():
-        words = shlex.split(command.replace("$PWD/work", str(tmp)).replace("$PWD", str(tmp)))
+        # The variables the README's commands use, pointed into the test's folder (unexpanded,
+        # MLflow would make a folder literally named "$SPKENC_WORK_DIR" in the repository).
+        for variable, value in (("$SPKENC_WORK_DIR", tmp / "work"), ("$PWD/work", tmp), ("$PWD", tmp)):
+            command = command.replace(variable, str(value))
+        words = shlex.split(command)
         words = [port if re.fullmatch(r"\d{4,5}", w) and words[i - 1] in ("-p", "--port") else w for i, w in enumerate(words)]
         if "-p" not in words and "--port" not in words:
             words += ["--port", port]
