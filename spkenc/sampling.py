@@ -170,21 +170,20 @@ def sample_batch(
     n, m = speakers_per_batch, utterances_per_speaker
     partial = crop_frames or store.audio_config.partial_n_frames
     eligible = require_eligible(store, n, m, short_speaker_policy, world_size, partial, n_copies)
+    # Virtual speaker v is copy v // E of eligible speaker v % E. With one copy and no corpus
+    # pick this is RTVC's draw: permuting the indices permutes `eligible` the same way.
     draw = np.random.default_rng([seed, step])
-    if n_copies == 1 and not single_corpus:
-        order, copy_order = draw.permutation(eligible), None
-    else:  # virtual speaker v is copy v // E of eligible speaker v % E
-        virtual = np.arange(len(eligible) * n_copies)
-        if single_corpus:
-            corpora = np.array([store.speakers[s].corpus for s in eligible])[virtual % len(eligible)]
-            names, counts = np.unique(corpora, return_counts=True)
-            picked = names[draw.choice(len(names), p=counts / counts.sum())]
-            virtual = np.concatenate([draw.permutation(virtual[corpora == picked]), draw.permutation(virtual[corpora != picked])])
-        else:
-            virtual = draw.permutation(virtual)
-        order, copy_order = eligible[virtual % len(eligible)], virtual // len(eligible)
+    virtual = np.arange(len(eligible) * n_copies)
+    if single_corpus:
+        corpora = np.array([store.speakers[s].corpus for s in eligible])[virtual % len(eligible)]
+        names, counts = np.unique(corpora, return_counts=True)
+        picked = names[draw.choice(len(names), p=counts / counts.sum())]
+        virtual = np.concatenate([draw.permutation(virtual[corpora == picked]), draw.permutation(virtual[corpora != picked])])
+    else:
+        virtual = draw.permutation(virtual)
+    order, copy_order = eligible[virtual % len(eligible)], virtual // len(eligible)
     chosen = order[rank * n : (rank + 1) * n]
-    copies = np.zeros(n, np.int64) if copy_order is None else copy_order[rank * n : (rank + 1) * n].astype(np.int64)
+    copies = copy_order[rank * n : (rank + 1) * n].astype(np.int64)
     rng = np.random.default_rng([seed, step, rank, 1])
     mels = np.empty((n, m, partial, store.audio_config.n_mels), dtype=np.float32)
     rows_out = np.empty((n, m), dtype=np.int64)
