@@ -87,11 +87,25 @@ class MlflowResource(dg.ConfigurableResource):
         return self.ui_url or os.environ.get("MLFLOW_UI_URL") or "http://127.0.0.1:5000"
 
     def _client_and_experiment(self) -> tuple[Any, str]:
+        uri = self.resolved_tracking_uri()
+        if not uri.startswith("sqlite:///"):
+            return self._open(uri)
+        # MLflow creates and migrates a new SQLite store on first use; two runs starting together
+        # on a fresh store would both migrate it ("duplicate column name"). One at a time.
+        import fcntl
+
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._open(uri)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _open(self, uri: str) -> tuple[Any, str]:
         from mlflow import MlflowClient
 
-        uri = self.resolved_tracking_uri()
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:

@@ -82,7 +82,8 @@ def _preprocess(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "utterances_per_speaker",
                  "short_speaker_policy", "learning_rate_init", "lr_schedule", "lr_warmup_steps", "lr_decay_steps",
                  "lr_decay_gamma", "seed", "bf16", "crop_n_frames", "aug_volume_db", "aug_speed", "aug_noise_prob",
-                 "aug_noise_snr_db_min", "aug_noise_snr_db_max", "speaker_speeds", "single_corpus_batches")
+                 "aug_noise_snr_db_min", "aug_noise_snr_db_max", "speaker_speeds", "single_corpus_batches",
+                 "corpus_weights")
 _MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
 
 
@@ -130,6 +131,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-corpus-batches", action=argparse.BooleanOptionalAction,
                    help="draw each batch's speakers from one corpus, filled up from the others when it has too few "
                         f"(default {t.single_corpus_batches})")
+    p.add_argument("--corpus-weights", type=_corpus_weights, metavar="CORPUS=W,...",
+                   help="weigh the speakers of these corpora in the draw, e.g. speechocean762_train=3 (others weigh 1; "
+                        "with --single-corpus-batches: how often each corpus's batches come)")
     p.add_argument("--hidden-size", type=int, help=f"LSTM width of a fresh model (default {mc.hidden_size})")
     p.add_argument("--n-layers", type=int, help=f"LSTM layers of a fresh model (default {mc.n_layers})")
     p.add_argument("--embedding-size", type=int, help=f"embedding size of a fresh model (default {mc.embedding_size})")
@@ -139,6 +143,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _speed_list(text: str) -> tuple[float, ...]:
     """ "0.9,1.1" -> (0.9, 1.1); argparse reports a ValueError as a usage error."""
     return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def _corpus_weights(text: str) -> dict[str, float]:
+    """ "a=3,b=0.5" -> {"a": 3.0, "b": 0.5}; argparse reports a ValueError as a usage error."""
+    weights = {}
+    for part in filter(str.strip, text.split(",")):
+        name, sep, weight = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"expected CORPUS=WEIGHT, got {part!r}")
+        weights[name.strip()] = float(weight)
+    return weights
 
 
 @command("train", "GE2E training over mel shards (resumable; distributed under torchrun)", _train_arguments)

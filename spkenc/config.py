@@ -130,6 +130,10 @@ class TrainConfig(_Config):
     # up from the others only when that corpus has too few: negatives from the same recording
     # conditions are the hard ones. False is RTVC's draw over all corpora together.
     single_corpus_batches: bool = False
+    # Corpus name -> weight of its speakers in the draw (unnamed corpora weigh 1). With
+    # single-corpus batches a corpus is picked with probability proportional to weight x speakers;
+    # in mixed batches each of its speakers is `weight` times as likely to be drawn. {} is RTVC's draw.
+    corpus_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "step"):
@@ -160,6 +164,10 @@ class TrainConfig(_Config):
         object.__setattr__(self, "speaker_speeds", speeds)  # lists from Dagster, YAML and checkpoints
         if any(not 0.5 <= f <= 1.5 or f == 1.0 for f in speeds) or len(set(speeds)) < len(speeds):
             raise ValueError(f"speaker_speeds must be distinct factors in [0.5, 1.5] other than 1.0, got {list(speeds)}")
+        weights = {str(k): float(v) for k, v in dict(self.corpus_weights).items()}
+        object.__setattr__(self, "corpus_weights", weights)
+        if any(not (0 < w < float("inf")) for w in weights.values()):
+            raise ValueError(f"corpus_weights must be positive and finite, got {weights}")
         if self.steps < 0 or self.seed < 0:
             raise ValueError(f"steps and seed must be non-negative, got steps={self.steps}, seed={self.seed}")
 

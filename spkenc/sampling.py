@@ -21,6 +21,13 @@ eligible (virtual) speakers, then orders that corpus's speakers (permuted) befor
 (permuted). With enough speakers, every rank's batch is then from that one corpus; a corpus with
 too few is filled up from the others.
 
+Corpus weights (`corpus_weights`, TrainConfig.corpus_weights: corpus name -> weight, unnamed
+corpora weigh 1): with single-corpus batches a corpus is picked with probability proportional to
+weight x its (virtual) speakers. In mixed batches each speaker's place in the permutation is a
+weighted draw without replacement (Efraimidis-Spirakis keys u ** (1 / weight) from the same
+`default_rng([seed, step])`), so a speaker of weight 3 is 3 times as likely to be in a batch as
+one of weight 1 while no speaker appears twice. Without weights (or all 1) the draw is unchanged.
+
 Short-speaker policy (a speaker with fewer than M usable utterances; an utterance is usable when
 it has at least `partial_n_frames` frames):
 - `"exclude"` (default): the speaker is never drawn. Every batch holds M distinct utterances per
@@ -33,7 +40,7 @@ it has at least `partial_n_frames` frames):
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -141,6 +148,15 @@ def require_eligible(
     return eligible
 
 
+def check_corpus_weights(store: "ShardStore", corpus_weights: Mapping[str, float]) -> None:
+    """ValueError naming a weighted corpus that no training shard belongs to (a typo would
+    otherwise silently weigh nothing)."""
+    present = sorted({speaker.corpus for speaker in store.speakers})
+    unknown = sorted(set(corpus_weights) - set(present))
+    if unknown:
+        raise ValueError(f"corpus_weights name {unknown}, which no training shard belongs to; the corpora are {present}")
+
+
 def sample_batch(
     store: ShardStore,
     seed: int,
@@ -153,6 +169,7 @@ def sample_batch(
     crop_frames: Optional[int] = None,
     n_copies: int = 1,
     single_corpus: bool = False,
+    corpus_weights: Optional[Mapping[str, float]] = None,
 ) -> Batch:
     """Draw rank `rank`'s batch for optimizer step `step` (a pure function of seed, step, rank).
 
@@ -174,11 +191,17 @@ def sample_batch(
     # pick this is RTVC's draw: permuting the indices permutes `eligible` the same way.
     draw = np.random.default_rng([seed, step])
     virtual = np.arange(len(eligible) * n_copies)
-    if single_corpus:
+    weights = {name: w for name, w in (corpus_weights or {}).items() if w != 1.0}
+    if single_corpus or weights:
         corpora = np.array([store.speakers[s].corpus for s in eligible])[virtual % len(eligible)]
+    if single_corpus:
         names, counts = np.unique(corpora, return_counts=True)
-        picked = names[draw.choice(len(names), p=counts / counts.sum())]
+        mass = counts * np.array([weights.get(name, 1.0) for name in names])
+        picked = names[draw.choice(len(names), p=mass / mass.sum())]
         virtual = np.concatenate([draw.permutation(virtual[corpora == picked]), draw.permutation(virtual[corpora != picked])])
+    elif weights:
+        speaker_weights = np.array([weights.get(name, 1.0) for name in corpora])
+        virtual = virtual[np.argsort(-draw.random(len(virtual)) ** (1.0 / speaker_weights), kind="stable")]
     else:
         virtual = draw.permutation(virtual)
     order, copy_order = eligible[virtual % len(eligible)], virtual // len(eligible)

@@ -189,7 +189,7 @@ def train(
     from spkenc.augment import augment_batch, augments, crop_frames
     from spkenc.ge2e import GE2ELoss, batch_eer
     from spkenc.model import SpeakerEncoder
-    from spkenc.sampling import ShardStore, probe_partials, require_eligible, sample_batch
+    from spkenc.sampling import ShardStore, check_corpus_weights, probe_partials, require_eligible, sample_batch
 
     run_dir = Path(run_dir)
     with distributed_context(device) as (rank, world_size, local_rank), _flush_denormals():
@@ -200,6 +200,7 @@ def train(
         crop = crop_frames(config, audio_config)
         n_copies = 1 + len(config.speaker_speeds)
         require_eligible(store, n, m, config.short_speaker_policy, world_size, crop, n_copies)
+        check_corpus_weights(store, config.corpus_weights)
 
         checkpoint_path = run_dir / "encoder.pt"
         state = None
@@ -274,7 +275,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sample_batch(store, config.seed, step, rank, world_size, n, m, config.short_speaker_policy, crop,
-                                 n_copies, config.single_corpus_batches)
+                                 n_copies, config.single_corpus_batches, config.corpus_weights)
             if rank_state_dir is not None:
                 drawn.append(batch.speaker_indices)
             mels = batch.mels

@@ -190,3 +190,47 @@ def test_single_corpus_batches_take_their_speakers_from_one_corpus_first(corpus,
     plain = sample_batch(store, 0, 5, 0, 1, 3, 3)
     order = np.random.default_rng([0, 5]).permutation(np.arange(len(store)))
     np.testing.assert_array_equal(plain.speaker_indices, order[:3])
+
+
+def test_corpus_weights_tilt_the_draw_toward_a_corpus_and_all_ones_change_nothing(corpus, tmp_path):
+    from spkenc.sampling import check_corpus_weights
+
+    paths = [write(tmp_path / f"{c}_{s}.parquet", s, corpus["mels"][s][:4], corpus=c)
+             for c, speakers in (("big", corpus["speakers"][:4]), ("small", corpus["speakers"][4:6])) for s in speakers]
+    store = ShardStore(paths)
+    small = np.array([s.corpus == "small" for s in store.speakers])
+
+    def small_share(steps, **kwargs):
+        drawn = [sample_batch(store, 0, step, 0, 1, 2, 2, **kwargs).speaker_indices for step in range(steps)]
+        assert all(len(set(d.tolist())) == 2 for d in drawn)  # weighted or not, no speaker twice
+        return small[np.concatenate(drawn)].mean()
+
+    # Single-corpus batches: "small" is picked with probability 2 / 6 unweighted, 10 * 2 / (10 * 2 + 4) at weight 10.
+    assert small_share(300, single_corpus=True) < 0.45
+    assert small_share(300, single_corpus=True, corpus_weights={"small": 10.0}) > 0.75
+    # Mixed batches: each "small" speaker 5 times as likely as a "big" one; 2 of 6 speakers are small.
+    assert small_share(300) < 0.45
+    assert small_share(300, corpus_weights={"small": 5.0}) > 0.6
+    # Weights of 1 are no weights: the batches are the unweighted ones, bit for bit.
+    for step in range(5):
+        for single in (False, True):
+            plain = sample_batch(store, 0, step, 0, 1, 3, 2, single_corpus=single)
+            ones = sample_batch(store, 0, step, 0, 1, 3, 2, single_corpus=single, corpus_weights={"big": 1.0, "small": 1.0})
+            np.testing.assert_array_equal(ones.speaker_indices, plain.speaker_indices)
+            np.testing.assert_array_equal(ones.mels, plain.mels)
+    # A weighted draw is still a pure function of (seed, step, rank).
+    a = sample_batch(store, 3, 9, 0, 1, 3, 2, corpus_weights={"small": 5.0})
+    b = sample_batch(store, 3, 9, 0, 1, 3, 2, corpus_weights={"small": 5.0})
+    np.testing.assert_array_equal(a.mels, b.mels)
+    check_corpus_weights(store, {"small": 2.0})
+    with pytest.raises(ValueError, match=r"\['smal'\].*\['big', 'small'\]"):
+        check_corpus_weights(store, {"smal": 2.0})
+
+
+def test_corpus_weights_must_be_positive_and_finite():
+    from spkenc.config import TrainConfig
+
+    assert TrainConfig(corpus_weights={"a": 3}).corpus_weights == {"a": 3.0}
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="corpus_weights"):
+            TrainConfig(corpus_weights={"a": bad})

@@ -204,6 +204,22 @@ def test_cli_passes_speaker_speeds_and_single_corpus_batches_to_training(shards,
     assert "--speaker-speeds" in capsys.readouterr().err
 
 
+def test_cli_passes_corpus_weights_and_refuses_a_corpus_it_does_not_train_on(shards, tmp_path, capsys, caplog):
+    from spkenc.cli import main
+    from spkenc.sampling import ShardStore, find_shards
+
+    name = ShardStore(find_shards([shards[0].parent])).speakers[0].corpus
+    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
+              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "1", "--embedding-size", "16", "--threads", "1"]
+    assert main(["train", *common, "--out", str(tmp_path / "run"), "--corpus-weights", f"{name}=2.5"]) == 0
+    assert _state(tmp_path / "run" / "encoder.pt")["train_config"]["corpus_weights"] == {name: 2.5}
+    assert main(["train", *common, "--out", str(tmp_path / "typo"), "--corpus-weights", "no_such_corpus=2"]) == 1
+    assert "corpus_weights name ['no_such_corpus']" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["train", *common, "--out", str(tmp_path / "bad"), "--corpus-weights", "speechocean"])
+    assert "--corpus-weights" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(shards, tmp_path):
     """A 3x256 model makes each checkpoint write take long enough to catch a temp file."""

@@ -42,6 +42,7 @@ class EncoderModelConfig(dg.Config):
                                         description="speaker augmentation: speed factors whose copies of each speaker count as new speakers")
     single_corpus_batches: bool = Field(default=_T.single_corpus_batches,
                                         description="each batch from one corpus (hard negatives), filled up from the others")
+    corpus_weights: dict[str, float] = Field(default={}, description="corpus -> weight of its speakers in the draw; others weigh 1")
     seed: int = _T.seed
     save_every: int = _T.save_every
     backup_every: int = _T.backup_every
