@@ -174,9 +174,9 @@ def sample_batch(
     """Draw rank `rank`'s batch for optimizer step `step` (a pure function of seed, step, rank).
 
     Returns a `Batch` whose `mels` is (N, M, crop_frames, n_mels) float32, crop_frames defaulting
-    to the audio config's partial_n_frames. See the module
-    docstring for the draw, the speaker copies, single-corpus batches and the short-speaker policy. Raises ValueError when fewer than
-    N * world_size speakers are eligible, naming both numbers.
+    to the audio config's partial_n_frames. See the module docstring for the draw, the speaker
+    copies, single-corpus batches, corpus weights and the short-speaker policy. Raises ValueError
+    when fewer than N * world_size speakers are eligible, naming both numbers.
     """
     if seed < 0 or step < 0:
         raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
