@@ -13,7 +13,9 @@ augmentations cheap enough to run on every batch, with no audio decoding:
   of its sped-up or slowed-down copies, which count as other speakers (`Batch.copies`); all
   crops of a copy are played at its factor, times the per-crop speed above;
 - noise: with probability aug_noise_prob, a crop of another training speaker's recording (real
-  babble from the training data) is added at an SNR uniform in [aug_noise_snr_db_min, max] dB.
+  babble from the training data) is added at an SNR uniform in [aug_noise_snr_db_min, max] dB;
+- masking (SpecAugment): one band of up to aug_freq_mask mel channels and one span of up to
+  aug_time_mask frames of each crop are set to zero power, after the others.
 
 The draws use `np.random.default_rng([seed, step, rank, 2])`, so an augmented batch is still a
 pure function of (seed, step, rank) and a resumed run sees exactly the batches it would have seen.
@@ -37,7 +39,8 @@ def augments(config: TrainConfig) -> bool:
     >>> augments(TrainConfig()), augments(TrainConfig(aug_volume_db=3.0))
     (False, True)
     """
-    return config.aug_volume_db > 0 or config.aug_speed > 0 or config.aug_noise_prob > 0 or bool(config.speaker_speeds)
+    return (config.aug_volume_db > 0 or config.aug_speed > 0 or config.aug_noise_prob > 0 or bool(config.speaker_speeds)
+            or config.aug_freq_mask > 0 or config.aug_time_mask > 0)
 
 
 def crop_frames(config: TrainConfig, audio_config: AudioConfig = AudioConfig()) -> int:
@@ -116,7 +119,28 @@ def augment_batch(
             if config.aug_volume_db > 0:
                 crop = crop * np.float32(10.0 ** (rng.uniform(-config.aug_volume_db, config.aug_volume_db) / 10.0))
             out[i, j] = crop
+            _mask(out[i, j], config, rng)
     return out
+
+
+def _mask(crop: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> None:
+    """Zero one band of 0..aug_freq_mask channels and one span of 0..aug_time_mask frames of `crop`, in place.
+
+    >>> crop = np.ones((160, 40), dtype=np.float32)
+    >>> _mask(crop, TrainConfig(aug_freq_mask=8, aug_time_mask=20), np.random.default_rng(0))
+    >>> bool((crop == 0).all(axis=0).sum() <= 8), bool((crop == 0).all(axis=1).sum() <= 20), bool(crop.any())
+    (True, True, True)
+    """
+    for axis, widest in ((1, config.aug_freq_mask), (0, config.aug_time_mask)):
+        if widest <= 0:
+            continue
+        size = crop.shape[axis]
+        width = int(rng.integers(0, min(widest, size) + 1))
+        start = int(rng.integers(0, size - width + 1))
+        if axis == 1:
+            crop[:, start : start + width] = 0.0
+        else:
+            crop[start : start + width] = 0.0
 
 
 def _babble(store, others, lengths, n_frames, crop, rng, config) -> np.ndarray:

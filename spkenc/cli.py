@@ -82,8 +82,8 @@ def _preprocess(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "utterances_per_speaker",
                  "short_speaker_policy", "learning_rate_init", "lr_schedule", "lr_warmup_steps", "lr_decay_steps",
                  "lr_decay_gamma", "seed", "bf16", "crop_n_frames", "aug_volume_db", "aug_speed", "aug_noise_prob",
-                 "aug_noise_snr_db_min", "aug_noise_snr_db_max", "speaker_speeds", "single_corpus_batches",
-                 "corpus_weights")
+                 "aug_noise_snr_db_min", "aug_noise_snr_db_max", "aug_freq_mask", "aug_time_mask", "speaker_speeds",
+                 "single_corpus_batches", "corpus_weights")
 _MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
 
 
@@ -125,6 +125,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"share of crops mixed with another training speaker's recording (default {t.aug_noise_prob})")
     p.add_argument("--aug-noise-snr-db-min", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_min})")
     p.add_argument("--aug-noise-snr-db-max", type=float, metavar="DB", help=f"(default {t.aug_noise_snr_db_max})")
+    p.add_argument("--aug-freq-mask", type=int, metavar="F",
+                   help=f"SpecAugment: zero one band of up to F mel channels per crop (default {t.aug_freq_mask})")
+    p.add_argument("--aug-time-mask", type=int, metavar="T",
+                   help=f"SpecAugment: zero one span of up to T frames per crop (default {t.aug_time_mask})")
     p.add_argument("--speaker-speeds", type=_speed_list, metavar="F,F",
                    help="speaker augmentation: each training speaker also counts as new speakers played at these "
                         "speed factors, e.g. 0.9,1.1 (default: none)")

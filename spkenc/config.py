@@ -123,6 +123,11 @@ class TrainConfig(_Config):
     aug_noise_prob: float = 0.0  # share of crops mixed with another training speaker's recording
     aug_noise_snr_db_min: float = 10.0
     aug_noise_snr_db_max: float = 30.0
+    # Masking (SpecAugment, Park et al. 2019): per crop, one band of 0..aug_freq_mask mel channels
+    # and one span of 0..aug_time_mask frames are set to zero power. It hides part of the input
+    # without changing whose voice it is, unlike babble or a per-crop speed change.
+    aug_freq_mask: int = 0
+    aug_time_mask: int = 0
     # Speaker augmentation: every training speaker also enters the draw as a new speaker played
     # at each of these speed factors (tempo and pitch), as in Yamamoto et al., Interspeech 2019.
     speaker_speeds: tuple[float, ...] = ()
@@ -154,6 +159,11 @@ class TrainConfig(_Config):
             raise ValueError(
                 f"crop_n_frames and aug_volume_db must be non-negative and aug_speed in [0, 0.5), got "
                 f"{self.crop_n_frames}, {self.aug_volume_db}, {self.aug_speed}"
+            )
+        if not 0 <= self.aug_freq_mask < 40 or self.aug_time_mask < 0:
+            raise ValueError(
+                f"aug_freq_mask must be in [0, 40) mel channels and aug_time_mask non-negative, got "
+                f"{self.aug_freq_mask}, {self.aug_time_mask}"
             )
         if not 0 <= self.aug_noise_prob <= 1 or self.aug_noise_snr_db_min > self.aug_noise_snr_db_max:
             raise ValueError(

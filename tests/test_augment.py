@@ -86,8 +86,31 @@ def test_noise_is_another_speakers_recording_at_the_drawn_snr(store):
     np.testing.assert_allclose(out.mean(axis=(2, 3)), 2 * batch.mels.mean(axis=(2, 3)), rtol=1e-4)
 
 
+def test_masking_zeroes_one_band_and_one_span_per_crop_and_keeps_the_rest(store):
+    config = TrainConfig(aug_freq_mask=8, aug_time_mask=20)
+    batch = _batch(store, config)
+    out = augment_batch(batch.mels, batch.speaker_indices, store, config, 0, 0)
+    assert out.shape == batch.mels.shape
+    masked = out != batch.mels
+    assert np.all(out[masked] == 0), "masking only ever zeroes"
+    bands, spans = [], []
+    for i in range(4):
+        for j in range(3):
+            zero_band = np.flatnonzero((out[i, j] == 0).all(axis=0) & (batch.mels[i, j] != 0).any(axis=0))
+            zero_span = np.flatnonzero((out[i, j] == 0).all(axis=1) & (batch.mels[i, j] != 0).any(axis=1))
+            for zero, widest in ((zero_band, 8), (zero_span, 20)):
+                assert len(zero) <= widest and (len(zero) == 0 or np.ptp(zero) == len(zero) - 1), "one contiguous mask"
+            kept = np.ones_like(masked[i, j])
+            kept[:, zero_band] = False
+            kept[zero_span] = False
+            np.testing.assert_array_equal(out[i, j][kept], batch.mels[i, j][kept])
+            bands.append(len(zero_band))
+            spans.append(len(zero_span))
+    assert max(bands) > 0 and max(spans) > 0 and len(set(bands)) > 1, (bands, spans)
+
+
 def test_augmentation_is_a_pure_function_of_seed_step_and_rank(store):
-    config = TrainConfig(aug_volume_db=3.0, aug_speed=0.1, aug_noise_prob=0.5)
+    config = TrainConfig(aug_volume_db=3.0, aug_speed=0.1, aug_noise_prob=0.5, aug_freq_mask=5, aug_time_mask=10)
     batch = _batch(store, config)
     args = (batch.mels, batch.speaker_indices, store, config)
     first, again = augment_batch(*args, 0, 5), augment_batch(*args, 0, 5)
@@ -101,7 +124,8 @@ def test_augmentation_is_a_pure_function_of_seed_step_and_rank(store):
     [({"aug_speed": 0.5}, "aug_speed"), ({"aug_volume_db": -1.0}, "aug_volume_db"), ({"crop_n_frames": -5}, "crop_n_frames"),
      ({"aug_noise_prob": 1.5}, "aug_noise_prob"), ({"aug_noise_snr_db_min": 20.0, "aug_noise_snr_db_max": 10.0}, "snr"),
      ({"speaker_speeds": (1.0,)}, "speaker_speeds"), ({"speaker_speeds": (0.9, 2.0)}, "speaker_speeds"),
-     ({"speaker_speeds": (0.9, 0.9)}, "speaker_speeds")],
+     ({"speaker_speeds": (0.9, 0.9)}, "speaker_speeds"), ({"aug_freq_mask": 40}, "aug_freq_mask"),
+     ({"aug_freq_mask": -1}, "aug_freq_mask"), ({"aug_time_mask": -3}, "aug_time_mask")],
 )
 def test_bad_augmentation_settings_are_refused_by_name(changes, word):
     with pytest.raises(ValueError, match=word):

@@ -107,8 +107,9 @@ def test_the_launchpad_config_carries_the_batch_and_speaker_augmentation_setting
     from pipelines.assets.training import EncoderModelConfig
 
     config = EncoderModelConfig(speaker_speeds=[0.9, 1.1], single_corpus_batches=True, steps=7,
-                                corpus_weights={"speechocean762_train": 3.0})
+                                corpus_weights={"speechocean762_train": 3.0}, aug_freq_mask=8, aug_time_mask=20)
     train_config = config.spkenc_train_config(8, 4)
+    assert (train_config.aug_freq_mask, train_config.aug_time_mask) == (8, 20)
     assert train_config.speaker_speeds == (0.9, 1.1) and train_config.single_corpus_batches is True
     assert train_config.corpus_weights == {"speechocean762_train": 3.0}
     assert (train_config.steps, train_config.speakers_per_batch, train_config.utterances_per_speaker) == (7, 8, 4)

@@ -220,6 +220,18 @@ def test_cli_passes_corpus_weights_and_refuses_a_corpus_it_does_not_train_on(sha
     assert "--corpus-weights" in capsys.readouterr().err
 
 
+def test_cli_passes_the_masking_settings_and_refuses_a_band_wider_than_the_mels(shards, tmp_path, caplog):
+    from spkenc.cli import main
+
+    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
+              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "1", "--embedding-size", "16", "--threads", "1"]
+    assert main(["train", *common, "--out", str(tmp_path / "run"), "--aug-freq-mask", "8", "--aug-time-mask", "20"]) == 0
+    stored = _state(tmp_path / "run" / "encoder.pt")["train_config"]
+    assert (stored["aug_freq_mask"], stored["aug_time_mask"]) == (8, 20)
+    assert main(["train", *common, "--out", str(tmp_path / "wide"), "--aug-freq-mask", "40"]) == 1
+    assert "aug_freq_mask must be in [0, 40)" in caplog.text
+
+
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(shards, tmp_path):
     """A 3x256 model makes each checkpoint write take long enough to catch a temp file."""

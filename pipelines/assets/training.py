@@ -38,6 +38,8 @@ class EncoderModelConfig(dg.Config):
     aug_noise_prob: float = Field(default=_T.aug_noise_prob, description="share of crops mixed with another speaker's recording")
     aug_noise_snr_db_min: float = _T.aug_noise_snr_db_min
     aug_noise_snr_db_max: float = _T.aug_noise_snr_db_max
+    aug_freq_mask: int = Field(default=_T.aug_freq_mask, description="SpecAugment: zero one band of up to this many mel channels per crop")
+    aug_time_mask: int = Field(default=_T.aug_time_mask, description="SpecAugment: zero one span of up to this many frames per crop")
     speaker_speeds: list[float] = Field(default=list(_T.speaker_speeds),
                                         description="speaker augmentation: speed factors whose copies of each speaker count as new speakers")
     single_corpus_batches: bool = Field(default=_T.single_corpus_batches,
