@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from hostile_corpus import REPO, child_env
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ui"))
+from ui_servers import group_members  # noqa: E402
+
 SERVER = re.compile(r"\b(dagster dev|dagster-webserver|mlflow ui|mlflow server)\b")
 BIN = Path(sys.executable).parent
 
@@ -87,14 +90,22 @@ def _server_commands(tmp: Path) -> list[tuple[str, list[str]]]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the process group this test started (the server and its workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM the process group this test started (the server and its workers), then SIGKILL
+    whatever of the group is still alive 15 s later.
+
+    The whole group is waited for, not only its leader: `dagster dev` can exit on SIGTERM
+    before its code server does, which a wait on the leader alone would leave running."""
+    if proc.poll() is None or group_members(proc.pid):
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 15
+        while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if group_members(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc.wait()
 
 
 def processes_started_under(folder: Path) -> list[int]:
