@@ -139,6 +139,13 @@ class TrainConfig(_Config):
     # single-corpus batches a corpus is picked with probability proportional to weight x speakers;
     # in mixed batches each of its speakers is `weight` times as likely to be drawn. {} is RTVC's draw.
     corpus_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Regularization against memorizing few training speakers (not in RTVC). `weight_decay` is
+    # decoupled (AdamW, Loshchilov & Hutter 2019): after each Adam step the encoder's weight
+    # matrices are multiplied by 1 - lr x weight_decay; biases and the loss's w and b are not decayed, and the
+    # optimizer stays RTVC's Adam. `lstm_dropout` is nn.LSTM's dropout between its layers, active
+    # in training only. Neither changes the checkpoint's format.
+    weight_decay: float = 0.0
+    lstm_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "step"):
@@ -178,6 +185,13 @@ class TrainConfig(_Config):
         object.__setattr__(self, "corpus_weights", weights)
         if any(not (0 < w < float("inf")) for w in weights.values()):
             raise ValueError(f"corpus_weights must be positive and finite, got {weights}")
+        if not (0 <= self.weight_decay and self.learning_rate_init * self.weight_decay < 1):
+            raise ValueError(
+                f"weight_decay must be non-negative with learning_rate_init x weight_decay below 1 (the per-step "
+                f"shrink factor), got {self.weight_decay} at learning rate {self.learning_rate_init}"
+            )
+        if not 0 <= self.lstm_dropout < 1:
+            raise ValueError(f"lstm_dropout must be in [0, 1), got {self.lstm_dropout}")
         if self.steps < 0 or self.seed < 0:
             raise ValueError(f"steps and seed must be non-negative, got steps={self.steps}, seed={self.seed}")
 

@@ -224,6 +224,11 @@ def train(
             _check_model_config(encoder, model_config, audio_config.n_mels, checkpoint_path if resume else init_from)
             if "similarity_weight" in state["model_state"]:
                 ckpt.load_loss_state(state, loss_fn)
+        encoder.lstm.dropout = config.lstm_dropout  # nn.LSTM reads it at each call; eval() turns it off
+        if config.lstm_dropout > 0 and encoder.lstm.num_layers == 1:
+            log.warning("lstm_dropout %g has no effect: it acts between LSTM layers and this LSTM has one",
+                        config.lstm_dropout)
+        decayed = [p for p in encoder.parameters() if p.dim() >= 2]  # weight matrices, not biases or w/b
         params = ckpt.rtvc_parameters(encoder, loss_fn)
         optimizer = torch.optim.Adam(params, lr=config.learning_rate_init)
         start_step, history_steps, history_losses = 0, [], []
@@ -288,6 +293,10 @@ def train(
             loss_fn.similarity_bias.grad *= config.wb_grad_scale
             nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
+            if config.weight_decay > 0:
+                with torch.no_grad():
+                    for p in decayed:
+                        p.mul_(1.0 - lr * config.weight_decay)
             loss_value = mean_over_ranks(loss.detach(), world_size)
             step_time_s = time.perf_counter() - started
             done = step + 1
@@ -357,7 +366,11 @@ def _warn_config_changes(stored: Optional[dict], config: TrainConfig) -> None:
     """A resumed run with other settings is no longer the uninterrupted run; say which changed."""
     if not stored:
         return
-    changed = {k: (stored.get(k), v) for k, v in config.to_dict().items() if k != "steps" and stored.get(k) != v}
+    # Normalized as a TrainConfig: lists back to tuples, and a setting newer than the checkpoint at
+    # its default (the run trained without it).
+    known = TrainConfig().to_dict()
+    before = TrainConfig.from_dict({k: v for k, v in stored.items() if k in known}).to_dict()
+    changed = {k: (before[k], v) for k, v in config.to_dict().items() if k != "steps" and before[k] != v}
     if changed:
         log.warning("resuming with changed training settings (stored, now): %s", changed)
 

@@ -98,6 +98,24 @@ def test_resuming_gives_bit_identical_weights_to_an_uninterrupted_run(shards, tm
     assert resumed.history_steps == list(range(1, 7))
 
 
+def test_resuming_a_checkpoint_from_before_a_setting_existed_reports_no_change(shards, tmp_path, caplog):
+    from spkenc.checkpoint import load_checkpoint
+
+    cfg = config(steps=1, speaker_speeds=(0.9,), short_speaker_policy="repeat")
+    train(shards, tmp_path, cfg, model_config=TINY, device="cpu")
+    path = tmp_path / "encoder.pt"
+    state = load_checkpoint(path)
+    for newer in ("weight_decay", "lstm_dropout"):
+        del state["train_config"][newer]
+    torch.save(state, path)
+    with caplog.at_level("WARNING", logger="spkenc"):
+        train(shards, tmp_path, cfg.replace(steps=2), model_config=TINY, device="cpu", resume=True)
+    assert "changed training settings" not in caplog.text
+    train(shards, tmp_path, cfg.replace(steps=3, lstm_dropout=0.1), model_config=TINY, device="cpu", resume=True)
+    assert "'lstm_dropout': (0.0, 0.1)" in caplog.text
+    assert "lstm_dropout 0.1 has no effect" in caplog.text  # TINY has one layer
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(shards, tmp_path):
     train(shards, tmp_path, config(steps=1), model_config=TINY, device="cpu")
     with pytest.raises(FileExistsError, match="encoder.pt exists"):
@@ -230,6 +248,57 @@ def test_cli_passes_the_masking_settings_and_refuses_a_band_wider_than_the_mels(
     assert (stored["aug_freq_mask"], stored["aug_time_mask"]) == (8, 20)
     assert main(["train", *common, "--out", str(tmp_path / "wide"), "--aug-freq-mask", "40"]) == 1
     assert "aug_freq_mask must be in [0, 40)" in caplog.text
+
+
+def test_weight_decay_shrinks_the_weight_matrices_after_the_adam_step_and_nothing_else(shards, tmp_path):
+    plain = _state(train(shards, tmp_path / "plain", config(steps=1), model_config=TINY, device="cpu").checkpoint_path)
+    decayed = _state(train(shards, tmp_path / "decayed", config(steps=1, weight_decay=0.5), model_config=TINY,
+                           device="cpu").checkpoint_path)
+    factor = 1.0 - 1e-3 * 0.5  # lr of the first step (no warmup) x weight_decay
+    for key, value in plain["model_state"].items():
+        if value.dim() >= 2:
+            torch.testing.assert_close(decayed["model_state"][key], value * factor, rtol=1e-6, atol=0)
+            assert not torch.equal(decayed["model_state"][key], value), key
+        else:  # biases, and the loss's similarity_weight and similarity_bias
+            assert torch.equal(decayed["model_state"][key], value), key
+    _assert_identical(plain["optimizer_state"], decayed["optimizer_state"], "optimizer_state")
+
+
+def test_lstm_dropout_acts_in_training_only_and_leaves_the_checkpoint_format_alone(shards, tmp_path):
+    from spkenc.checkpoint import load_encoder
+
+    two_layers = ModelConfig(hidden_size=32, n_layers=2, embedding_size=32)
+    plain, dropped = [], []
+    train(shards, tmp_path / "plain", config(steps=1), model_config=two_layers, device="cpu", callback=plain.append)
+    result = train(shards, tmp_path / "dropout", config(steps=1, lstm_dropout=0.5), model_config=two_layers,
+                   device="cpu", callback=dropped.append)
+    assert dropped[0].loss != plain[0].loss, "the same first batch through the same weights: only dropout differs"
+    state = _state(result.checkpoint_path)
+    assert state["model_state"].keys() == _state(tmp_path / "plain" / "encoder.pt")["model_state"].keys()
+    encoder, _ = load_encoder(state)
+    assert encoder.lstm.dropout == 0.0, "a loaded model embeds without dropout"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"weight_decay": -0.1}, "weight_decay must be non-negative"),
+    ({"weight_decay": 1e4, "learning_rate_init": 1e-4}, "got 10000.0 at learning rate 0.0001"),
+    ({"lstm_dropout": 1.0}, "lstm_dropout must be in"),
+])
+def test_out_of_range_regularization_is_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_cli_passes_weight_decay_and_lstm_dropout_and_refuses_a_bad_one(shards, tmp_path, caplog):
+    from spkenc.cli import main
+
+    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
+              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "2", "--embedding-size", "16", "--threads", "1"]
+    assert main(["train", *common, "--out", str(tmp_path / "run"), "--weight-decay", "0.05", "--lstm-dropout", "0.2"]) == 0
+    stored = _state(tmp_path / "run" / "encoder.pt")["train_config"]
+    assert (stored["weight_decay"], stored["lstm_dropout"]) == (0.05, 0.2)
+    assert main(["train", *common, "--out", str(tmp_path / "bad"), "--lstm-dropout", "1.5"]) == 1
+    assert "lstm_dropout must be in [0, 1), got 1.5" in caplog.text
 
 
 @pytest.mark.slow

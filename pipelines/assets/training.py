@@ -45,6 +45,9 @@ class EncoderModelConfig(dg.Config):
     single_corpus_batches: bool = Field(default=_T.single_corpus_batches,
                                         description="each batch from one corpus (hard negatives), filled up from the others")
     corpus_weights: dict[str, float] = Field(default={}, description="corpus -> weight of its speakers in the draw; others weigh 1")
+    weight_decay: float = Field(default=_T.weight_decay,
+                                description="decoupled weight decay of the encoder's weight matrices (AdamW style); 0 = RTVC")
+    lstm_dropout: float = Field(default=_T.lstm_dropout, description="dropout between the LSTM layers in training; 0 = RTVC")
     seed: int = _T.seed
     save_every: int = _T.save_every
     backup_every: int = _T.backup_every
