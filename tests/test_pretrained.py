@@ -113,5 +113,7 @@ def test_the_finetune_recipe_is_the_packaged_models_training():
 
 
 def test_the_scratch_recipe_is_valid_dagster_config():
-    """Dagster accepts recipes/scratch.yaml, and it is the README's 600-step run."""
-    assert _recipe_train_config("scratch.yaml")["steps"] == 600
+    """Dagster accepts recipes/scratch.yaml, and it is the README's run scratch_K."""
+    recipe = _recipe_train_config("scratch.yaml")
+    assert (recipe["steps"], recipe["lr_decay_steps"], recipe["lstm_dropout"]) == (1200, 1100, 0.3)
+    assert recipe["corpus_weights"] == {"speechocean762_train": 6.0}
