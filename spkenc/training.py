@@ -366,10 +366,9 @@ def _warn_config_changes(stored: Optional[dict], config: TrainConfig) -> None:
     """A resumed run with other settings is no longer the uninterrupted run; say which changed."""
     if not stored:
         return
-    # Normalized as a TrainConfig: lists back to tuples, and a setting newer than the checkpoint at
-    # its default (the run trained without it).
-    known = TrainConfig().to_dict()
-    before = TrainConfig.from_dict({k: v for k, v in stored.items() if k in known}).to_dict()
+    # As a TrainConfig (like stored_train_config): lists back to tuples, and a setting newer than
+    # the checkpoint at its default (the run trained without it).
+    before = TrainConfig.from_dict(stored).to_dict()
     changed = {k: (before[k], v) for k, v in config.to_dict().items() if k != "steps" and before[k] != v}
     if changed:
         log.warning("resuming with changed training settings (stored, now): %s", changed)

@@ -190,6 +190,13 @@ def test_probe_umaps_and_the_loss_curve_are_drawn(shards, tmp_path):
     assert result.umap_path == drawn[-1] and result.loss_curve_path.read_bytes().startswith(PNG)
 
 
+def _one_step_cli_args(shards: list[Path], n_layers: int = 1) -> list[str]:
+    """`spkenc train` arguments for one step of a small model on the demo shards (without --out)."""
+    return [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
+            "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", str(n_layers), "--embedding-size", "16",
+            "--threads", "1"]
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "spkenc", "train", *args]
 
@@ -227,8 +234,7 @@ def test_cli_passes_corpus_weights_and_refuses_a_corpus_it_does_not_train_on(sha
     from spkenc.sampling import ShardStore, find_shards
 
     name = ShardStore(find_shards([shards[0].parent])).speakers[0].corpus
-    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
-              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "1", "--embedding-size", "16", "--threads", "1"]
+    common = _one_step_cli_args(shards)
     assert main(["train", *common, "--out", str(tmp_path / "run"), "--corpus-weights", f"{name}=2.5"]) == 0
     assert _state(tmp_path / "run" / "encoder.pt")["train_config"]["corpus_weights"] == {name: 2.5}
     assert main(["train", *common, "--out", str(tmp_path / "typo"), "--corpus-weights", "no_such_corpus=2"]) == 1
@@ -241,8 +247,7 @@ def test_cli_passes_corpus_weights_and_refuses_a_corpus_it_does_not_train_on(sha
 def test_cli_passes_the_masking_settings_and_refuses_a_band_wider_than_the_mels(shards, tmp_path, caplog):
     from spkenc.cli import main
 
-    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
-              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "1", "--embedding-size", "16", "--threads", "1"]
+    common = _one_step_cli_args(shards)
     assert main(["train", *common, "--out", str(tmp_path / "run"), "--aug-freq-mask", "8", "--aug-time-mask", "20"]) == 0
     stored = _state(tmp_path / "run" / "encoder.pt")["train_config"]
     assert (stored["aug_freq_mask"], stored["aug_time_mask"]) == (8, 20)
@@ -292,8 +297,7 @@ def test_out_of_range_regularization_is_refused(changes, message):
 def test_cli_passes_weight_decay_and_lstm_dropout_and_refuses_a_bad_one(shards, tmp_path, caplog):
     from spkenc.cli import main
 
-    common = [str(shards[0].parent), "--steps", "1", "--speakers-per-batch", "3", "--utterances-per-speaker", "2",
-              "--short-speaker-policy", "repeat", "--hidden-size", "16", "--n-layers", "2", "--embedding-size", "16", "--threads", "1"]
+    common = _one_step_cli_args(shards, n_layers=2)
     assert main(["train", *common, "--out", str(tmp_path / "run"), "--weight-decay", "0.05", "--lstm-dropout", "0.2"]) == 0
     stored = _state(tmp_path / "run" / "encoder.pt")["train_config"]
     assert (stored["weight_decay"], stored["lstm_dropout"]) == (0.05, 0.2)
