@@ -66,6 +66,9 @@ def selected_rows(args: argparse.Namespace) -> list[str]:
     return [name for name, (_, _, _, default) in ROWS.items() if default or args.long]
 
 
+BF16_ROWS = ("embed_bf16", "train_bf16", "loss_curve")  # skipped on a CPU without bfloat16
+
+
 def run_row(name: str, settings):
     """The RowResults of one row; a skipped row when its data is absent, a failed one on error."""
     import importlib
@@ -73,6 +76,13 @@ def run_row(name: str, settings):
     from benchmarks.common import DataMissing, RowResult, skipped_row
 
     module, function, kwargs, _ = ROWS[name]
+    if name in BF16_ROWS:
+        from spkenc.precision import bf16_autocast_error
+
+        if bf16_autocast_error("cpu") is not None:
+            reason = "this CPU has no bfloat16 LSTM kernel (oneDNN needs AVX-512 BF16 or AMX)"
+            log.warning("row %s skipped: %s", name, reason)
+            return [skipped_row(name, name, f"skipped: {reason}")], True
     started = time.perf_counter()
     try:
         results = getattr(importlib.import_module(f"benchmarks.{module}"), function)(settings, **kwargs)

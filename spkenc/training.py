@@ -189,11 +189,14 @@ def train(
     from spkenc.augment import augment_batch, augments, crop_frames
     from spkenc.ge2e import GE2ELoss, batch_eer
     from spkenc.model import SpeakerEncoder
+    from spkenc.precision import check_bf16_autocast
     from spkenc.sampling import ShardStore, check_corpus_weights, probe_partials, require_eligible, sample_batch
 
     run_dir = Path(run_dir)
     with distributed_context(device) as (rank, world_size, local_rank), _flush_denormals():
         dev = select_device(device, local_rank)
+        if config.bf16:
+            check_bf16_autocast(dev)  # before the shards load: a CPU without bfloat16 fails at step 1
         set_threads(n_threads, world_size)
         store = ShardStore(shard_paths, audio_config, memory_budget_bytes)
         n, m = config.speakers_per_batch, config.utterances_per_speaker

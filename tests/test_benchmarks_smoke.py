@@ -57,6 +57,7 @@ def test_quick_run_prints_a_table_with_figures_for_both_sides(tmp_path):
 @pytest.mark.slow
 def test_the_loss_curve_row_compares_bf16_with_the_spread_of_two_fp32_runs(tmp_path):
     from benchmarks.rows_training import moving_gap
+    from spkenc.precision import bf16_autocast_error
 
     assert moving_gap(np.ones(30), np.full(30, 1.5), 20) == pytest.approx((0.5, 0.5, 1.0))
     done = subprocess.run(
@@ -65,6 +66,9 @@ def test_the_loss_curve_row_compares_bf16_with_the_spread_of_two_fp32_runs(tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = _table_rows(done.stdout).values()
+    if bf16_autocast_error("cpu") is not None:  # the row cannot run here: it says so and why
+        assert "skipped: this CPU has no bfloat16 LSTM kernel" in done.stdout, done.stdout[-2000:]
+        return
     assert row[0] == "loss curve bf16 vs fp32, 3 steps of 8x4x160" and row[6] in ("PASS", "FAIL")
     assert "fp32 seed 1 vs seed 0" in row[8]
     header = (tmp_path / "loss_curves_8x4_3.csv").read_text().splitlines()[0]

@@ -115,3 +115,22 @@ def test_the_launchpad_config_carries_the_batch_and_speaker_augmentation_setting
     assert (train_config.steps, train_config.speakers_per_batch, train_config.utterances_per_speaker) == (7, 8, 4)
     with pytest.raises(ValueError, match="speaker_speeds"):
         EncoderModelConfig(speaker_speeds=[1.0]).spkenc_train_config(8, 4)
+
+
+def test_bf16_is_refused_before_an_mlflow_run_where_the_cpu_has_no_bfloat16_lstm(work):
+    from mlflow import MlflowClient
+
+    from spkenc.precision import bf16_autocast_error
+
+    done = _materialize(work, {"steps": 2, "bf16": True, "device": "cpu", "run_name": "bf16_probe", **TINY})
+    client = MlflowClient(tracking_uri=work["env"]["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`spkenc.run_name` = 'bf16_probe'")
+    if bf16_autocast_error("cpu") is None:  # this CPU trains in bf16: the run goes through
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert [r.info.status for r in runs] == ["FINISHED"]
+    else:
+        assert done.returncode != 0
+        assert "bf16 autocast is not available on cpu" in done.stdout + done.stderr
+        assert "bf16: false in the Dagster config" in done.stdout + done.stderr
+        assert runs == [], "the refusal comes before an MLflow run is opened"

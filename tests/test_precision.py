@@ -22,6 +22,19 @@ FLOOR = 0.999  # issue 6: cosine to fp32 on every utterance
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _bf16_refusal() -> str:
+    """'' where the fast mode's kernel runs on this CPU, else Bf16Encoder's refusal."""
+    try:
+        Bf16Encoder(SpeakerEncoder(ModelConfig(hidden_size=8, n_layers=2, embedding_size=4), n_mels=5))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+NEEDS_BF16 = pytest.mark.skipif(bool(_bf16_refusal()), reason="this CPU has no bfloat16 LSTM kernel (oneDNN needs "
+                                "AVX-512 BF16 or AMX); test_bf16_is_refused_by_name_where_the_cpu_lacks_it runs instead")
+
+
 @pytest.fixture(scope="module")
 def embedders() -> tuple[Embedder, Embedder]:
     return (Embedder.from_checkpoint(PRETRAINED, device="cpu"),
@@ -36,6 +49,7 @@ def demo_wavs(demo_files) -> list[np.ndarray]:
     return [preprocess_wav(path) for path in picked]
 
 
+@NEEDS_BF16
 def test_bf16_stays_within_1e_3_cosine_of_fp32_on_every_demo_utterance(embedders, demo_wavs) -> None:
     fp32, bf16 = embedders
     e32 = fp32.embed_utterances(demo_wavs, rate=1.3)
@@ -48,6 +62,7 @@ def test_bf16_stays_within_1e_3_cosine_of_fp32_on_every_demo_utterance(embedders
     assert (e16 >= 0).all()
 
 
+@NEEDS_BF16
 def test_bf16_partials_stay_within_1e_3_cosine_of_fp32(embedders, demo_wavs) -> None:
     fp32, bf16 = embedders
     longest = max(demo_wavs, key=len)
@@ -58,6 +73,7 @@ def test_bf16_partials_stay_within_1e_3_cosine_of_fp32(embedders, demo_wavs) -> 
     assert cosines.min() >= FLOOR
 
 
+@NEEDS_BF16
 def test_bf16_runs_the_lstm_in_bfloat16_and_the_head_in_float32(embedders) -> None:
     fp32, bf16 = embedders
     encoder = bf16._encoder
@@ -80,6 +96,18 @@ def test_bad_precision_is_refused_by_name(bad, tmp_path) -> None:
         Embedder(SpeakerEncoder(ModelConfig(hidden_size=8, n_layers=1, embedding_size=4)), device="cpu", precision=bad)
 
 
+def test_bf16_is_refused_by_name_where_the_cpu_lacks_it(demo_files, tmp_path, caplog) -> None:
+    refusal = _bf16_refusal()
+    if not refusal:
+        pytest.skip("this CPU runs the bfloat16 LSTM: the NEEDS_BF16 tests check the fast mode instead")
+    assert refusal.startswith("precision 'bf16' is not available on this CPU or PyTorch build") and refusal.endswith("use 'fp32'")
+    with pytest.raises(ValueError, match="precision 'bf16' is not available on this CPU"):
+        Embedder.from_checkpoint(PRETRAINED, device="cpu", precision="bf16")
+    out = tmp_path / "bf16.parquet"
+    assert main(["embed", str(demo_files[0]), "--checkpoint", str(PRETRAINED), "--output", str(out), "--precision", "bf16"]) == 1
+    assert "precision 'bf16' is not available on this CPU" in caplog.text and not out.exists()
+
+
 def test_bf16_is_refused_off_the_cpu_and_for_other_models() -> None:
     on_meta = SpeakerEncoder(ModelConfig(hidden_size=8, n_layers=1, embedding_size=4), device="meta")
     with pytest.raises(ValueError, match="runs on the CPU only .* not on meta"):
@@ -88,6 +116,7 @@ def test_bf16_is_refused_off_the_cpu_and_for_other_models() -> None:
         encoder_for(torch.nn.Linear(40, 4), "bf16")
 
 
+@NEEDS_BF16
 def test_cli_precision_flag_on_embed_verify_and_evaluate(demo_files, tmp_path, capsys) -> None:
     import pyarrow.parquet as pq
 

@@ -171,6 +171,58 @@ def test_fine_tuning_starts_from_the_given_weights(shards, tmp_path):
     assert 0 < moved <= 1.01e-4, "one Adam step at lr 1e-4 moves each weight by at most 1e-4"
 
 
+def _autocast_lstm_runs() -> bool:
+    """Whether a 3-layer LSTM of another shape than the probe's runs under bfloat16 autocast here."""
+    lstm = torch.nn.LSTM(40, 24, num_layers=3, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = lstm(torch.rand(4, 10, 40))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+NO_BF16_LSTM = "this CPU has no bfloat16 LSTM kernel (oneDNN needs AVX-512 BF16 or AMX); the refusal is tested instead"
+
+
+def test_the_bf16_probe_agrees_with_the_kernel_and_names_the_fix():
+    from spkenc.precision import bf16_autocast_error, check_bf16_autocast
+
+    assert (bf16_autocast_error("cpu") is None) == _autocast_lstm_runs()
+    if bf16_autocast_error("cpu") is None:
+        check_bf16_autocast(torch.device("cpu"))
+    else:
+        with pytest.raises(ValueError, match="bf16 autocast is not available on cpu .* bf16: false in the Dagster config"):
+            check_bf16_autocast(torch.device("cpu"))
+
+
+ONEDNN = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+
+
+def test_bf16_without_a_bfloat16_lstm_is_refused_before_the_shards_load(tmp_path, monkeypatch):
+    import spkenc.precision
+
+    monkeypatch.setattr(spkenc.precision, "bf16_autocast_error", lambda device: ONEDNN)
+    missing = [tmp_path / "never_read.parquet"]  # train() would raise FileNotFoundError had it got that far
+    with pytest.raises(ValueError, match=f"bf16 autocast is not available on cpu .*{ONEDNN}.*no --bf16"):
+        train(missing, tmp_path / "run", config(steps=1, bf16=True), model_config=TINY, device="cpu")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError):  # without bf16 the same call does reach the shards
+        train(missing, tmp_path / "run", config(steps=1), model_config=TINY, device="cpu")
+
+
+def test_cli_train_bf16_without_a_bfloat16_lstm_exits_1_with_the_reason(shards, tmp_path, monkeypatch, caplog):
+    import spkenc.precision
+    from spkenc.cli import main
+
+    monkeypatch.setattr(spkenc.precision, "bf16_autocast_error", lambda device: ONEDNN)
+    assert main(["train", *_one_step_cli_args(shards), "--out", str(tmp_path / "run"), "--bf16"]) == 1
+    assert "bf16 autocast is not available on cpu" in caplog.text and ONEDNN in caplog.text
+    assert not (tmp_path / "run" / "encoder.pt").exists()
+
+
+@pytest.mark.skipif(not _autocast_lstm_runs(), reason=NO_BF16_LSTM)
 def test_bf16_autocast_trains_close_to_float32(shards, tmp_path):
     bf16, fp32 = [], []
     train(shards, tmp_path / "bf16", config(steps=2, bf16=True), model_config=TINY, device="cpu", callback=bf16.append)

@@ -107,6 +107,8 @@ def encoder_model(
     """GE2E speaker encoder trained on the train-split mel shards of the chosen corpora."""
     from spkenc.augment import crop_frames
     from spkenc.corpus import load_registry
+    from spkenc.distributed import select_device
+    from spkenc.precision import check_bf16_autocast
     from spkenc.sampling import ShardStore, fit_batch_geometry
     from spkenc.training import train
 
@@ -121,6 +123,8 @@ def encoder_model(
         context.log.warning(f"{len(counts)} train speakers: batch shrunk from {config.speakers_per_batch} x "
                             f"{config.utterances_per_speaker} to {n} x {m} (speakers x utterances)")
     train_config, model_config = config.spkenc_train_config(n, m), config.spkenc_model_config()
+    if train_config.bf16:  # refused before an MLflow run is opened (train() checks again)
+        check_bf16_autocast(select_device(config.device or None))
     run_name = config.run_name or context.run.run_id
     with mlflow.start_run(run_name, tags={"dagster.run_id": context.run.run_id, "spkenc.run_name": run_name}) as run:
         run.log_params({**AudioConfig().to_dict(), **train_config.to_dict(), "corpora": ",".join(corpora),
