@@ -74,6 +74,12 @@ def test_bf16_partials_stay_within_1e_3_cosine_of_fp32(embedders, demo_wavs) -> 
 
 
 @NEEDS_BF16
+def test_encoder_for_bf16_runs_a_small_model() -> None:  # was a doctest of encoder_for
+    model = SpeakerEncoder(ModelConfig(hidden_size=8, n_layers=2, embedding_size=4), n_mels=5)
+    assert tuple(encoder_for(model, "bf16")(torch.rand(3, 20, 5)).shape) == (3, 4)
+
+
+@NEEDS_BF16
 def test_bf16_runs_the_lstm_in_bfloat16_and_the_head_in_float32(embedders) -> None:
     fp32, bf16 = embedders
     encoder = bf16._encoder
