@@ -83,7 +83,7 @@ _TRAIN_FIELDS = ("steps", "save_every", "backup_every", "speakers_per_batch", "u
                  "short_speaker_policy", "learning_rate_init", "lr_schedule", "lr_warmup_steps", "lr_decay_steps",
                  "lr_decay_gamma", "seed", "bf16", "crop_n_frames", "aug_volume_db", "aug_speed", "aug_noise_prob",
                  "aug_noise_snr_db_min", "aug_noise_snr_db_max", "aug_freq_mask", "aug_time_mask", "speaker_speeds",
-                 "single_corpus_batches", "corpus_weights", "weight_decay", "lstm_dropout")
+                 "single_corpus_batches", "corpus_weights", "weight_decay", "lstm_dropout", "input_lr_scale")
 _MODEL_FIELDS = ("hidden_size", "n_layers", "embedding_size")
 
 
@@ -142,6 +142,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"decoupled weight decay of the encoder's weight matrices, AdamW style (default {t.weight_decay})")
     p.add_argument("--lstm-dropout", type=float, metavar="P",
                    help=f"dropout between the LSTM layers while training (default {t.lstm_dropout})")
+    p.add_argument("--input-lr-scale", type=float, metavar="X",
+                   help=f"Adam's step on the first LSTM layer's input weights times X (default {t.input_lr_scale})")
     p.add_argument("--hidden-size", type=int, help=f"LSTM width of a fresh model (default {mc.hidden_size})")
     p.add_argument("--n-layers", type=int, help=f"LSTM layers of a fresh model (default {mc.n_layers})")
     p.add_argument("--embedding-size", type=int, help=f"embedding size of a fresh model (default {mc.embedding_size})")

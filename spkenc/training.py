@@ -232,6 +232,7 @@ def train(
             log.warning("lstm_dropout %g has no effect: it acts between LSTM layers and this LSTM has one",
                         config.lstm_dropout)
         decayed = [p for p in encoder.parameters() if p.dim() >= 2]  # weight matrices, not biases or w/b
+        input_weights = encoder.lstm.weight_ih_l0
         params = ckpt.rtvc_parameters(encoder, loss_fn)
         optimizer = torch.optim.Adam(params, lr=config.learning_rate_init)
         start_step, history_steps, history_losses = 0, [], []
@@ -295,7 +296,11 @@ def train(
             loss_fn.similarity_weight.grad *= config.wb_grad_scale
             loss_fn.similarity_bias.grad *= config.wb_grad_scale
             nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            before = input_weights.detach().clone() if config.input_lr_scale != 1.0 else None
             optimizer.step()
+            if before is not None:
+                with torch.no_grad():  # the first layer's input weights move input_lr_scale times Adam's step
+                    input_weights.add_(input_weights - before, alpha=config.input_lr_scale - 1.0)
             if config.weight_decay > 0:
                 with torch.no_grad():
                     for p in decayed:

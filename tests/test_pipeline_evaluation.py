@@ -190,3 +190,34 @@ def test_no_heldout_speakers_is_a_clear_failure(work, pretrained, tmp_path, demo
     config = {"ops": {"evaluation_embeddings": {"config": {"checkpoint": str(pretrained)}}}}
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match=r"no held-out speakers in the manifests of \['demo_tiny'\]"):
         dg.materialize([evaluation_embeddings], instance=instance, resources=res, run_config=config)
+
+
+def test_score_backups_gives_the_pipelines_eer_per_checkpoint_and_names_a_bad_one(work, cli_run, pretrained, tmp_path):
+    """recipes/score_backups.py scores a run's backups as the evaluation assets score a checkpoint."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "backups").mkdir(parents=True)
+    shutil.copy(pretrained, run / "backups" / "encoder_000100.pt")
+    (run / "backups" / "encoder_000200.pt").write_bytes(b"not a checkpoint")
+    shutil.copy(pretrained, run / "encoder.pt")
+    command = [sys.executable, str(REPO / "recipes" / "score_backups.py"), str(run), "--corpus", "demo_tiny",
+               "--work-dir", str(work["work_dir"])]
+    done = subprocess.run(command, cwd=REPO, env=work["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-4000:]  # the corrupt backup; the others are still scored
+    assert f"{run / 'backups' / 'encoder_000200.pt'}: not scored" in done.stderr
+    metadata, _ = latest(work, "verification_report")  # the dagster CLI run's, with the same weights
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [(Path(p).name, step) for p, step, *_ in lines] == [("encoder_000100.pt", "100"), ("encoder.pt", "-")]
+    for _, _, eer, speakers, _ in lines:
+        assert eer == f"EER {100 * metadata['eer'].value:.2f}%" and speakers == f"{len(work['heldout'])} speakers"
+
+
+def test_score_backups_names_a_missing_manifest_and_an_empty_run(work, tmp_path):
+    script = str(REPO / "recipes" / "score_backups.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path), "--corpus", "no_such_corpus", "--work-dir",
+                           str(work["work_dir"])], cwd=REPO, env=work["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"{work['work_dir'] / 'corpora' / 'no_such_corpus' / 'manifest.parquet'}" in done.stderr
+    done = subprocess.run([sys.executable, script, str(tmp_path), "--corpus", "demo_tiny", "--work-dir",
+                           str(work["work_dir"])], cwd=REPO, env=work["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"{tmp_path}: no encoder.pt or backups/encoder_*.pt to score" in done.stderr

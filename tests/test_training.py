@@ -105,7 +105,7 @@ def test_resuming_a_checkpoint_from_before_a_setting_existed_reports_no_change(s
     train(shards, tmp_path, cfg, model_config=TINY, device="cpu")
     path = tmp_path / "encoder.pt"
     state = load_checkpoint(path)
-    for newer in ("weight_decay", "lstm_dropout"):
+    for newer in ("weight_decay", "lstm_dropout", "input_lr_scale"):
         del state["train_config"][newer]
     torch.save(state, path)
     with caplog.at_level("WARNING", logger="spkenc"):
@@ -336,10 +336,29 @@ def test_lstm_dropout_acts_in_training_only_and_leaves_the_checkpoint_format_alo
     assert encoder.lstm.dropout == 0.0, "a loaded model embeds without dropout"
 
 
+def test_input_lr_scale_multiplies_the_step_of_the_first_input_weights_and_nothing_else(shards, tmp_path):
+    two_layers = ModelConfig(hidden_size=32, n_layers=2, embedding_size=32)
+    initial = _state(train(shards, tmp_path / "initial", config(steps=0), model_config=two_layers,
+                           device="cpu").checkpoint_path)["model_state"]  # the seed's weights, before any step
+    plain = _state(train(shards, tmp_path / "plain", config(steps=1), model_config=two_layers, device="cpu").checkpoint_path)
+    scaled = _state(train(shards, tmp_path / "scaled", config(steps=1, input_lr_scale=8.0), model_config=two_layers,
+                          device="cpu").checkpoint_path)
+    key = "lstm.weight_ih_l0"
+    plain_step = plain["model_state"][key] - initial[key]
+    assert plain_step.abs().max() > 0
+    torch.testing.assert_close(scaled["model_state"][key] - initial[key], 8.0 * plain_step, rtol=1e-4, atol=1e-7)
+    for name, value in plain["model_state"].items():
+        if name != key:
+            assert torch.equal(scaled["model_state"][name], value), name
+    _assert_identical(plain["optimizer_state"], scaled["optimizer_state"], "optimizer_state")  # RTVC's Adam state
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"weight_decay": -0.1}, "weight_decay must be non-negative"),
     ({"weight_decay": 1e4, "learning_rate_init": 1e-4}, "got 10000.0 at learning rate 0.0001"),
     ({"lstm_dropout": 1.0}, "lstm_dropout must be in"),
+    ({"input_lr_scale": 0.0}, "input_lr_scale must be positive and finite, got 0.0"),
+    ({"input_lr_scale": float("inf")}, "input_lr_scale must be positive and finite"),
 ])
 def test_out_of_range_regularization_is_refused(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -355,6 +374,10 @@ def test_cli_passes_weight_decay_and_lstm_dropout_and_refuses_a_bad_one(shards, 
     assert (stored["weight_decay"], stored["lstm_dropout"]) == (0.05, 0.2)
     assert main(["train", *common, "--out", str(tmp_path / "bad"), "--lstm-dropout", "1.5"]) == 1
     assert "lstm_dropout must be in [0, 1), got 1.5" in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "scaled"), "--input-lr-scale", "30"]) == 0
+    assert _state(tmp_path / "scaled" / "encoder.pt")["train_config"]["input_lr_scale"] == 30.0
+    assert main(["train", *common, "--out", str(tmp_path / "bad_scale"), "--input-lr-scale", "-1"]) == 1
+    assert "input_lr_scale must be positive and finite, got -1.0" in caplog.text
 
 
 @pytest.mark.slow

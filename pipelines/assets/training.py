@@ -48,6 +48,8 @@ class EncoderModelConfig(dg.Config):
     weight_decay: float = Field(default=_T.weight_decay,
                                 description="decoupled weight decay of the encoder's weight matrices (AdamW style); 0 = RTVC")
     lstm_dropout: float = Field(default=_T.lstm_dropout, description="dropout between the LSTM layers in training; 0 = RTVC")
+    input_lr_scale: float = Field(default=_T.input_lr_scale,
+                                  description="Adam's step on the first LSTM layer's input weights times this; 1 = RTVC")
     seed: int = _T.seed
     save_every: int = _T.save_every
     backup_every: int = _T.backup_every
