@@ -1,6 +1,6 @@
 """EER of every backup of a training run on one corpus's held-out speakers, a line per checkpoint.
 
-    python recipes/score_backups.py work/models/scratch_K --corpus speechocean762_train
+    python recipes/score_backups.py work/models/scratch --corpus speechocean762_train
 
 Each RUN_DIR stands for its `backups/encoder_*.pt` and its `encoder.pt`; a `.pt` file stands for
 itself. The held-out utterances (the `heldout` split of work/corpora/CORPUS/manifest.parquet) are

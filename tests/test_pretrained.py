@@ -113,7 +113,8 @@ def test_the_finetune_recipe_is_the_packaged_models_training():
 
 
 def test_the_scratch_recipe_is_valid_dagster_config():
-    """Dagster accepts recipes/scratch.yaml, and it is the README's run scratch_K."""
+    """Dagster accepts recipes/scratch.yaml, and it is the README's run scratch_T."""
     recipe = _recipe_train_config("scratch.yaml")
-    assert (recipe["steps"], recipe["lr_decay_steps"], recipe["lstm_dropout"]) == (1200, 1100, 0.3)
+    assert (recipe["steps"], recipe["lr_warmup_steps"], recipe["lr_decay_steps"]) == (3000, 100, 2900)
+    assert (recipe["crop_n_frames"], recipe["input_lr_scale"], recipe["lstm_dropout"]) == (120, 30.0, 0.3)
     assert recipe["corpus_weights"] == {"speechocean762_train": 6.0}
