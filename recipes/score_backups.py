@@ -3,9 +3,9 @@
     python recipes/score_backups.py work/models/scratch --corpus speechocean762_train
 
 Each RUN_DIR stands for its `backups/encoder_*.pt` and its `encoder.pt`; a `.pt` file stands for
-itself. The held-out utterances (the `heldout` split of work/corpora/CORPUS/manifest.parquet) are
-preprocessed once, then each checkpoint embeds them and is scored with the code of the Dagster
-evaluation assets (`Embedder`, `EvalConfig`'s partial slicing and trials, `evaluate_embeddings`),
+itself. Each checkpoint embeds the held-out utterances (the `heldout` split of
+work/corpora/CORPUS/manifest.parquet) and is scored with the functions the Dagster evaluation
+assets call (`embed_manifest`, `evaluate_embedded`, `EvalConfig`'s partial slicing and trials),
 so a line gives the figure `recipes/evaluate.sh` gives for that file, without a Dagster run and
 an MLflow child run per checkpoint. A checkpoint that cannot be loaded is reported by name and
 the others are still scored (exit status 1 then).
@@ -37,14 +37,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
 
-    import numpy as np
-
-    from spkenc.audio import AudioError, preprocess_wav
     from spkenc.checkpoint import CheckpointError
     from spkenc.config import EvalConfig
-    from spkenc.evaluation import evaluate_embeddings
     from spkenc.inference import Embedder, thread_limits
-    from spkenc.verification import manifest_rows
+    from spkenc.verification import embed_manifest, evaluate_embedded, manifest_rows
 
     manifest = args.work_dir / "corpora" / args.corpus / "manifest.parquet"
     try:
@@ -55,23 +51,7 @@ def main(argv: list[str]) -> int:
     if not rows:
         print(f"{manifest}: no held-out speakers (heldout_fraction 0?)", file=sys.stderr)
         return 1
-    config, prepared = EvalConfig(), {}
-
-    def held_out(audio_config):
-        """(rows, wavs) of the held-out files that hold speech, preprocessed once per audio config."""
-        if audio_config not in prepared:
-            kept, wavs = [], []
-            for row in rows:
-                try:
-                    wav = preprocess_wav(row["path"], config=audio_config)
-                except (AudioError, OSError) as error:
-                    print(f"{row['path']}: left out, {error}", file=sys.stderr)
-                    continue
-                if len(wav):
-                    kept.append(row)
-                    wavs.append(wav)
-            prepared[audio_config] = kept, wavs
-        return prepared[audio_config]
+    config, reported = EvalConfig(), set()
 
     failed = False
     for run in args.runs:
@@ -86,11 +66,12 @@ def main(argv: list[str]) -> int:
                 print(f"{path}: not scored, {error}", file=sys.stderr)
                 failed = True
                 continue
-            kept, wavs = held_out(embedder.config)
-            texts = [r.get("text") for r in kept]
-            embeddings = np.stack(list(embedder.embed_utterances(wavs, config.rate, config.min_coverage)))
-            report = evaluate_embeddings(embeddings, [r["speaker_id"] for r in kept], [str(r["utterance_id"]) for r in kept],
-                                         texts if any(t is not None for t in texts) else None, config)
+            embedded = embed_manifest(embedder, rows, rate=config.rate, min_coverage=config.min_coverage)
+            for failure in embedded.failures:
+                if failure["path"] not in reported:
+                    reported.add(failure["path"])
+                    print(f"{failure['reason']} (left out)", file=sys.stderr)
+            report = evaluate_embedded(embedded, config)
             step = re.search(r"encoder_(\d+)\.pt$", path.name)
             print(f"{path}\t{int(step.group(1)) if step else '-'}\tEER {100 * report.eer:.2f}%\t"
                   f"{report.n_speakers} speakers\t{report.n_utterances} utterances", flush=True)
